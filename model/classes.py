@@ -24,7 +24,9 @@ class DscintClass(Enum):
     """Output classes in network order."""
 
     NORMAL = ClassCode(0, "normal", "17621005", "Normal")
-    BONE_METASTASIS = ClassCode(1, "bone_metastasis", "94222008", "Secondary malignant neoplasm of bone")
+    BONE_METASTASIS = ClassCode(
+        1, "bone_metastasis", "94222008", "Secondary malignant neoplasm of bone"
+    )
     ARTHRITIS = ClassCode(2, "arthritis", "3723001", "Arthritis")
     THYROID_CARCINOMA = ClassCode(
         3, "thyroid_carcinoma", "363478007", "Malignant neoplasm of thyroid gland"

@@ -1,0 +1,156 @@
+"""TorchScript export with the model's own metadata, and the checks made when loading it.
+
+A model file carries what the node needs to trust it (as nanoGPT checkpoints carry their config):
+class names and codes, input shape, preprocessing, version, weights sha256, training data and
+headline metrics. The sha256 covers the weights only, so it is stable across re-serialisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.classes import CLASS_NAMES, DscintClass
+from model.preprocess import PREPROCESS_VERSION, PreprocessParams
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "dscint_metadata.json"
+METADATA_FORMAT = "dscint-node/model/1"
+
+
+class ModelFileError(Exception):
+    """A model file is missing, unreadable, or its metadata does not match what we run."""
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """Metadata embedded in every exported model."""
+
+    version: str
+    weights_sha256: str
+    training_data: str
+    trained_on_phantoms: bool
+    name: str = "Dscint"
+    arch: str = "dscint"
+    class_names: tuple[str, ...] = CLASS_NAMES
+    input_shape: tuple[int, int, int] = (1, 1024, 256)
+    preprocessing: PreprocessParams = field(default_factory=PreprocessParams)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    train_config: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+
+    def to_json(self) -> str:
+        """Serialised form stored next to the TorchScript code."""
+        classes = [
+            {"index": c.value.index, "name": c.value.name, "code_value": c.value.code_value,
+             "code_meaning": c.value.code_meaning, "scheme": c.value.scheme}
+            for c in DscintClass
+        ]
+        doc = {
+            "format": METADATA_FORMAT, "name": self.name, "arch": self.arch,
+            "version": self.version, "classes": classes, "input_shape": list(self.input_shape),
+            "preprocessing": self.preprocessing.to_dict(), "weights_sha256": self.weights_sha256,
+            "training_data": self.training_data, "trained_on_phantoms": self.trained_on_phantoms,
+            "metrics": self.metrics, "train_config": self.train_config,
+            "created_at": self.created_at or datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        return json.dumps(doc, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelMetadata:
+        """Parse and validate; raises ModelFileError naming what is wrong."""
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ModelFileError(f"model metadata is not JSON: {exc}") from exc
+        if doc.get("format") != METADATA_FORMAT:
+            raise ModelFileError(f"unsupported model metadata format {doc.get('format')!r}")
+        names = tuple(c["name"] for c in sorted(doc["classes"], key=lambda c: c["index"]))
+        if names != CLASS_NAMES:
+            raise ModelFileError(f"model classes {names} differ from {CLASS_NAMES}")
+        for c in doc["classes"]:
+            expected = DscintClass.by_name(c["name"]).value
+            if c["code_value"] != expected.code_value:
+                raise ModelFileError(f"class {c['name']} has code {c['code_value']}, "
+                                     f"expected {expected.code_value}")
+        try:
+            pre = PreprocessParams.from_dict(doc["preprocessing"])
+        except ValueError as exc:
+            raise ModelFileError(str(exc)) from exc
+        if pre.version != PREPROCESS_VERSION:
+            raise ModelFileError(f"model needs preprocessing v{pre.version}, "
+                                 f"this node implements v{PREPROCESS_VERSION}")
+        return cls(
+            version=str(doc["version"]), weights_sha256=str(doc["weights_sha256"]),
+            training_data=str(doc["training_data"]),
+            trained_on_phantoms=bool(doc["trained_on_phantoms"]), name=str(doc["name"]),
+            arch=str(doc.get("arch", "dscint")), class_names=names,
+            input_shape=tuple(doc["input_shape"]),  # type: ignore[arg-type]
+            preprocessing=pre, metrics=dict(doc.get("metrics", {})),
+            train_config=dict(doc.get("train_config", {})), created_at=str(doc["created_at"]),
+        )
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """Hash of every tensor in the state dict (name, dtype, shape, bytes), in name order."""
+    digest = hashlib.sha256()
+    state = module.state_dict()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(t.dtype).encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else
+                      t.float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def export_torchscript(probabilities_module: nn.Module, path: Path, meta: ModelMetadata) -> Path:
+    """Script the probability-emitting module and save it with metadata, atomically."""
+    probabilities_module = probabilities_module.eval()
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream but is our format
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        scripted = torch.jit.script(probabilities_module)
+    sha = weights_sha256(scripted)
+    if meta.weights_sha256 and meta.weights_sha256 != sha:
+        raise ModelFileError("metadata sha256 does not match the weights being exported")
+    meta_json = ModelMetadata(**{**meta.__dict__, "weights_sha256": sha}).to_json()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.jit.save(scripted, str(tmp), _extra_files={METADATA_FILE: meta_json})
+    tmp.replace(path)
+    log.info("exported TorchScript model %s (sha256 %s)", path, sha[:12])
+    return path
+
+
+def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, ModelMetadata]:
+    """Load a model and verify its metadata and weights hash; ModelFileError on any mismatch."""
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    extra = {METADATA_FILE: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except (RuntimeError, ValueError) as exc:
+        raise ModelFileError(f"cannot load TorchScript model {path}: {exc}") from exc
+    if not extra[METADATA_FILE]:
+        raise ModelFileError(f"model {path} carries no {METADATA_FILE}")
+    meta = ModelMetadata.from_json(extra[METADATA_FILE])
+    actual = weights_sha256(module)
+    if actual != meta.weights_sha256:
+        raise ModelFileError(f"model {path}: weights sha256 {actual[:12]} does not match "
+                             f"metadata {meta.weights_sha256[:12]}")
+    return module.eval(), meta

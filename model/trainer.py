@@ -1,0 +1,193 @@
+"""Train Dscint with the paper's Table 5 settings on a patient-level split, then export it.
+
+Images are preprocessed once (not every epoch); augmentation runs on the fly inside the training
+part only. Evaluation reports image-level metrics (as the paper) and study-level metrics (views
+combined, as the node serves).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from model.augment import AugmentParams, augment_batch
+from model.classes import CLASS_NAMES
+from model.dscint import Dscint, DscintProbabilities
+from model.export import ModelMetadata, export_torchscript
+from model.metrics import ClassificationMetrics, compute_metrics
+from model.preprocess import PreprocessParams, preprocess_view
+from model.split import patient_split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Training data as the trainer needs it; the CLI builds it from phantoms, DICOM or PNG."""
+
+    images: Sequence[np.ndarray]  # raw counts, one 2-D view each
+    labels: np.ndarray  # class index per image
+    patient_ids: Sequence[str]  # one per image; a study's views share it
+    views: Sequence[str]  # "anterior" / "posterior" / "unknown"
+    description: str  # e.g. "simulated phantoms, 400 patients, difficulty 0.5, seed 1"
+    trained_on_phantoms: bool
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Table 5 defaults (Adam, lr 1e-3, weight decay 1e-4, batch 4); epochs configurable."""
+
+    epochs: int = 5
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    test_fraction: float = 0.3
+    seed: int = 0
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    threads: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    """A trained network, its held-out evaluation and how fast it trained."""
+
+    net: Dscint
+    image_metrics: ClassificationMetrics
+    study_metrics: ClassificationMetrics
+    history: list[dict[str, float]]
+    train_index: np.ndarray
+    test_index: np.ndarray
+    test_probabilities: np.ndarray
+    images_per_second: float
+    seconds: float
+
+
+def preprocess_all(images: Sequence[np.ndarray], params: PreprocessParams, progress: bool
+                   ) -> torch.Tensor:
+    """(N, 1, H, W) float32, computed once for all epochs."""
+    out = torch.empty(len(images), 1, params.rows, params.cols)
+    for i, img in enumerate(tqdm(images, desc="preprocess", disable=not progress, leave=False)):
+        out[i] = preprocess_view(img, params)
+    return out
+
+
+def _train_epoch(net: Dscint, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 cfg: TrainConfig, gen: torch.Generator, bar: tqdm) -> tuple[float, float]:
+    """One pass over the training part; returns (mean loss, accuracy)."""
+    net.train()
+    loss_fn = nn.CrossEntropyLoss()
+    order = torch.randperm(len(x), generator=gen)
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(order), cfg.batch_size):
+        idx = order[start:start + cfg.batch_size]
+        if len(idx) < 2:  # BatchNorm needs two samples in training mode
+            continue
+        xb = augment_batch(x[idx], gen, cfg.augment)
+        logits = net(xb)
+        loss = loss_fn(logits, y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total_loss += float(loss) * len(idx)
+        correct += int((logits.argmax(1) == y[idx]).sum())
+        bar.update(len(idx))
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+    return total_loss / max(len(x), 1), correct / max(len(x), 1)
+
+
+def predict(net: nn.Module, x: torch.Tensor, batch_size: int = 16) -> np.ndarray:
+    """Softmax probabilities for a preprocessed tensor, in eval mode."""
+    net.eval()
+    outs = []
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            outs.append(torch.softmax(net(x[start:start + batch_size]), dim=1))
+    return torch.cat(outs).double().numpy() if outs else np.zeros((0, len(CLASS_NAMES)))
+
+
+def study_level(patient_ids: Sequence[str], labels: np.ndarray, probs: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Average the views of each patient's study (views combined, as the node does)."""
+    groups: dict[str, list[int]] = {}
+    for i, pid in enumerate(patient_ids):
+        groups.setdefault(pid, []).append(i)
+    keys = sorted(groups)
+    y = np.array([labels[groups[k][0]] for k in keys], dtype=np.int64)
+    p = np.stack([probs[groups[k]].mean(axis=0) for k in keys]) if keys else probs[:0]
+    return y, p
+
+
+def train_model(data: LabelledImages, cfg: TrainConfig,
+                params: PreprocessParams | None = None) -> TrainResult:
+    """Split by patient, train with Adam, evaluate on held-out patients."""
+    params = params or PreprocessParams()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    labels = np.asarray(data.labels, dtype=np.int64)
+    train_idx, test_idx = patient_split(data.patient_ids, labels, cfg.test_fraction, cfg.seed)
+    x_all = preprocess_all(data.images, params, cfg.progress)
+    y_all = torch.from_numpy(labels)
+    x_train, y_train = x_all[train_idx], y_all[train_idx]
+    net = Dscint()
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    with tqdm(total=cfg.epochs * len(train_idx), desc="train Dscint", unit="img",
+              disable=not cfg.progress) as bar:
+        for epoch in range(cfg.epochs):
+            loss, acc = _train_epoch(net, opt, x_train, y_train, cfg, gen, bar)
+            history.append({"epoch": epoch + 1, "loss": loss, "train_accuracy": acc})
+            log.info("epoch %d/%d loss %.4f train accuracy %.3f", epoch + 1, cfg.epochs, loss, acc)
+    seconds = time.perf_counter() - t0
+    probs = predict(net, x_all[test_idx])
+    test_pids = [data.patient_ids[i] for i in test_idx]
+    y_study, p_study = study_level(test_pids, labels[test_idx], probs)
+    return TrainResult(
+        net=net, image_metrics=compute_metrics(labels[test_idx], probs, CLASS_NAMES),
+        study_metrics=compute_metrics(y_study, p_study, CLASS_NAMES), history=history,
+        train_index=train_idx, test_index=test_idx, test_probabilities=probs,
+        images_per_second=cfg.epochs * len(train_idx) / max(seconds, 1e-9), seconds=seconds,
+    )
+
+
+def headline(result: TrainResult) -> dict[str, Any]:
+    """The metrics embedded in model metadata."""
+    im, st = result.image_metrics, result.study_metrics
+    return {
+        "held_out_images": im.n, "held_out_studies": st.n,
+        "image_accuracy": round(im.accuracy, 4), "image_f1_macro": round(im.f1, 4),
+        "image_auc_macro": round(im.auc, 4), "study_accuracy": round(st.accuracy, 4),
+        "study_f1_macro": round(st.f1, 4), "study_auc_macro": round(st.auc, 4),
+        "train_images_per_second": round(result.images_per_second, 2),
+    }
+
+
+def default_version(now: datetime | None = None) -> str:
+    """Sortable version string from the training time."""
+    return (now or datetime.now(UTC)).strftime("%Y.%m.%d-%H%M%S")
+
+
+def export_trained(result: TrainResult, data: LabelledImages, cfg: TrainConfig, path: Path,
+                   version: str | None = None, params: PreprocessParams | None = None) -> Path:
+    """Write the TorchScript file with metadata (sha256 is filled in by the exporter)."""
+    cfg_dict = asdict(cfg)
+    meta = ModelMetadata(
+        version=version or default_version(), weights_sha256="",
+        training_data=data.description, trained_on_phantoms=data.trained_on_phantoms,
+        preprocessing=params or PreprocessParams(), metrics=headline(result),
+        train_config=cfg_dict,
+    )
+    return export_torchscript(DscintProbabilities(result.net), path, meta)

@@ -1,0 +1,37 @@
+"""Shared fixtures: real TorchScript models (untrained, full size) and the real GE scan folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.dscint import Dscint, DscintProbabilities
+from model.export import ModelMetadata, export_torchscript
+
+REPO = Path(__file__).resolve().parents[1]
+REALDATA = REPO.parent / "shared" / "realdata" / "wg04-nm1"
+
+
+def export_untrained(path: Path, seed: int = 0, version: str = "test-0") -> Path:
+    """A full-size Dscint with seeded random weights, exported as the node would load it."""
+    torch.manual_seed(seed)
+    meta = ModelMetadata(version=version, weights_sha256="",
+                         training_data="untrained (random weights) test model",
+                         trained_on_phantoms=True)
+    return export_torchscript(DscintProbabilities(Dscint()), path, meta)
+
+
+@pytest.fixture(scope="session")
+def untrained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One exported model shared by the whole session (exporting takes ~1 s)."""
+    return export_untrained(tmp_path_factory.mktemp("model") / "dscint.pt")
+
+
+@pytest.fixture(scope="session")
+def realdata() -> Path:
+    """The eight encodings of the real GE scan; skip where ../shared/realdata is absent."""
+    if not REALDATA.is_dir():
+        pytest.skip(f"real GE scan folder {REALDATA} is absent")
+    return REALDATA
