@@ -1,0 +1,135 @@
+"""`python -m node ...`: serve, status, resend, demo, phantoms, train."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from node.config import ConfigError, load_config
+
+log = logging.getLogger("node")
+
+
+def _setup_logging(level: str) -> None:
+    """Configure logging once, here only. pydicom's own warnings can quote element values
+    (a name typed into a UID field, say), so they are kept out of the log: no PHI in logs."""
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("pynetdicom", "apscheduler"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+    warnings.filterwarnings("ignore", module=r"highdicom(\..*)?")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    _setup_logging(cfg.logging.level)
+    from model.export import ModelFileError
+    from node.service import Node
+    try:
+        node = Node(cfg)
+    except ModelFileError as exc:
+        log.error("cannot start: model %s: %s", cfg.model_path, exc)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with node:
+        stop.wait()
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    from node.status import print_status
+    print_status(cfg)
+    return 0
+
+
+def _cmd_resend(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    from storage.db import Database
+    from storage.queue import requeue_dead_exports
+    db = Database(cfg.database_url)
+    db.create_all()
+    n = requeue_dead_exports(db)
+    print(f"re-queued {n} dead-lettered export(s); a running node delivers them next")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from node.demo import run_demo
+    cfg = load_config(args.config) if args.config else None
+    _setup_logging("WARNING" if not args.verbose else "INFO")
+    return run_demo(cfg, n_per_class=args.per_class, workdir=args.workdir)
+
+
+def _cmd_phantoms(args: argparse.Namespace) -> int:
+    from node.tools import write_phantoms
+    write_phantoms(args.out, args.per_class, args.seed, args.difficulty, args.layout)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from node.tools import train_on_phantoms
+    _setup_logging("INFO")
+    train_on_phantoms(args.out, patients=args.patients, epochs=args.epochs, seed=args.seed,
+                      difficulty=args.difficulty, baseline=not args.no_baseline)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All subcommands; `--config` defaults to embedded defaults."""
+    p = argparse.ArgumentParser(prog="python -m node", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, helptext in (("serve", "run the DICOM node"),
+                           ("status", "table of studies and their states"),
+                           ("resend", "re-queue dead-lettered SR exports")):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("--config", type=Path, default=Path("config.toml"))
+    d = sub.add_parser("demo", help="whole loop on phantoms with an in-process PACS stand-in")
+    d.add_argument("--config", type=Path, default=None,
+                   help="use this config's [model].path if that file exists")
+    d.add_argument("--per-class", type=int, default=2)
+    d.add_argument("--workdir", type=Path, default=None)
+    d.add_argument("--verbose", action="store_true")
+    ph = sub.add_parser("phantoms", help="write phantom DICOM studies and a PNG contact sheet")
+    ph.add_argument("--out", type=Path, required=True)
+    ph.add_argument("--per-class", type=int, default=2)
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--difficulty", type=float, default=0.5)
+    ph.add_argument("--layout", default="multiframe",
+                    choices=["multiframe", "per_view", "secondary_capture"])
+    t = sub.add_parser("train", help="train Dscint on phantoms and export TorchScript")
+    t.add_argument("--out", type=Path, required=True, help="model file to write (.pt)")
+    t.add_argument("--patients", type=int, default=400)
+    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--difficulty", type=float, default=0.5)
+    t.add_argument("--no-baseline", action="store_true")
+    return p
+
+
+COMMANDS = {"serve": _cmd_serve, "status": _cmd_status, "resend": _cmd_resend,
+            "demo": _cmd_demo, "phantoms": _cmd_phantoms, "train": _cmd_train}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; configuration errors end with exit code 2 and the key named."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Configuration: `config.toml` validated once at start-up into one typed, frozen object.
+
+An unknown key or a value of the wrong type stops start-up with a message naming the key, so a
+typo in a hospital's config never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DB_NAME = "dscint.db"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class CallerRule:
+    """An allowed calling AE title, optionally pinned to one host/IP."""
+
+    ae_title: str
+    host: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> CallerRule:
+        """'MODALITY1' or 'MODALITY1@10.0.0.5'."""
+        ae, _, host = text.partition("@")
+        ae = ae.strip()
+        if not ae or len(ae) > 16:
+            raise ConfigError(f"[node].allowed_callers: invalid AE title in {text!r}")
+        return cls(ae, host.strip() or None)
+
+    def allows(self, ae_title: str, address: str) -> bool:
+        """True when the calling AE (and host, if pinned) match."""
+        return ae_title.strip() == self.ae_title and (self.host is None or self.host == address)
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    """[node]: how modalities reach us."""
+
+    ae_title: str = "DSCINT"
+    bind_address: str = "127.0.0.1"
+    port: int = 11112
+    allowed_callers: tuple[str, ...] = ()
+    max_pdu: int = 1_048_576
+    max_associations: int = 10
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    worker_threads: int = 1
+    torch_threads: int = 2
+
+
+@dataclass(frozen=True)
+class PacsSection:
+    """[pacs]: where SRs go."""
+
+    ae_title: str = "PACS"
+    host: str = "127.0.0.1"
+    port: int = 104
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    """[export]: retry policy for SR delivery (dcm4chee-like: doubling, capped)."""
+
+    max_attempts: int = 10
+    backoff_base_seconds: float = 30.0
+    backoff_cap_seconds: float = 600.0
+    timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    """[storage]: file store root and the SQLAlchemy URL of the queue database."""
+
+    root: str = "var/dscint"
+    database: str = ""  # empty = sqlite file <root>/dscint.db
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """[model]: the TorchScript file to serve."""
+
+    path: str = "var/dscint/models/dscint.pt"
+
+
+@dataclass(frozen=True)
+class CompletionSection:
+    """[completion]: when a study counts as complete without both views."""
+
+    quiet_seconds: float = 120.0
+    sweep_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    """[logging]."""
+
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the node needs, validated."""
+
+    node: NodeSection = field(default_factory=NodeSection)
+    pacs: PacsSection = field(default_factory=PacsSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    completion: CompletionSection = field(default_factory=CompletionSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    base_dir: Path = Path(".")
+
+    @property
+    def storage_root(self) -> Path:
+        """Absolute storage root (relative paths are relative to the config file)."""
+        return _resolve(self.base_dir, self.storage.root)
+
+    @property
+    def database_url(self) -> str:
+        """SQLAlchemy URL; defaults to an SQLite file under the storage root."""
+        return self.storage.database or f"sqlite:///{self.storage_root / DEFAULT_DB_NAME}"
+
+    @property
+    def model_path(self) -> Path:
+        """Absolute path of the served model."""
+        return _resolve(self.base_dir, self.model.path)
+
+    @property
+    def caller_rules(self) -> tuple[CallerRule, ...]:
+        """Parsed allowlist; empty means any caller is accepted."""
+        return tuple(CallerRule.parse(c) for c in self.node.allowed_callers)
+
+    @property
+    def pacs_destination(self) -> str:
+        """'AE@host:port', the key exports are recorded under."""
+        return f"{self.pacs.ae_title}@{self.pacs.host}:{self.pacs.port}"
+
+
+def _resolve(base: Path, p: str) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(Config)[f.name]
+    for f in dataclasses.fields(Config) if f.name != "base_dir"
+}
+
+
+def _coerce(section: str, key: str, expected: Any, value: Any) -> Any:
+    """Check one value against its annotated type; ints are accepted where floats are."""
+    name = f"[{section}].{key}"
+    origin = typing.get_origin(expected)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if origin in (types.UnionType, typing.Union):
+        raise ConfigError(f"{name}: unsupported type")  # pragma: no cover - no such fields
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{name} must be {expected.__name__}, got {type(value).__name__} "
+                          f"{value!r}")
+    return value
+
+
+def _build_section(name: str, cls: type, table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(table) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown key [{name}].{unknown[0]} (known: {', '.join(sorted(hints))})")
+    values = {k: _coerce(name, k, hints[k], v) for k, v in table.items()}
+    return cls(**values)
+
+
+def _validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    checks = [
+        (1 <= len(cfg.node.ae_title.strip()) <= 16, "[node].ae_title must be 1-16 characters"),
+        (0 <= cfg.node.port <= 65535, "[node].port must be 0-65535"),
+        (1 <= cfg.pacs.port <= 65535, "[pacs].port must be 1-65535"),
+        (1 <= len(cfg.pacs.ae_title.strip()) <= 16, "[pacs].ae_title must be 1-16 characters"),
+        (cfg.node.max_pdu == 0 or cfg.node.max_pdu >= 4096, "[node].max_pdu must be 0 or >= 4096"),
+        (cfg.node.worker_threads >= 1, "[node].worker_threads must be >= 1"),
+        (cfg.export.max_attempts >= 1, "[export].max_attempts must be >= 1"),
+        (cfg.completion.quiet_seconds > 0, "[completion].quiet_seconds must be > 0"),
+        (cfg.logging.level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
+         "[logging].level must be DEBUG, INFO, WARNING or ERROR"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    cfg.caller_rules  # noqa: B018 - parses, raising ConfigError on a bad entry
+
+
+def config_from_dict(doc: dict[str, Any], base_dir: Path = Path(".")) -> Config:
+    """Build and validate a Config from a parsed TOML document."""
+    unknown = sorted(set(doc) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}] (known: {', '.join(SECTIONS)})")
+    sections = {name: _build_section(name, cls, doc.get(name, {}))
+                for name, cls in SECTIONS.items()}
+    cfg = Config(**sections, base_dir=base_dir)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: Path | None) -> Config:
+    """Read a TOML file (or embedded defaults when None) into a validated Config."""
+    if path is None:
+        return config_from_dict({})
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return config_from_dict(doc, base_dir=path.resolve().parent)
+
+
+def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """A copy with some section fields replaced (used by the demo and tests), re-validated."""
+    replaced = {name: dataclasses.replace(getattr(cfg, name), **values)
+                for name, values in sections.items()}
+    out = dataclasses.replace(cfg, **replaced)
+    _validate(out)
+    return out

@@ -1,0 +1,94 @@
+"""C-STORE SCU: send one stored file to PACS and classify the outcome for the retry policy.
+
+Status classes (PS3.4 Annex B / PS3.7 C): Success 0x0000 and Warnings 0xB000/0xB006/0xB007 mean
+PACS holds the object. 0xA7xx (out of resources) and network trouble are transient: retry with
+backoff. 0xA9xx (does not match SOP class), 0xCxxx (cannot understand), 0x0122 (SOP class not
+supported), 0x0124 (not authorised) and a permanent association rejection will not improve by
+retrying: dead-letter at once so an admin sees them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pynetdicom import AE
+
+log = logging.getLogger(__name__)
+
+_ACK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+_PERMANENT_STATUSES = {0x0122, 0x0124}
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A PACS (or any C-STORE SCP) to send to."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    """What happened to one C-STORE attempt."""
+
+    acknowledged: bool
+    status: int | None
+    error: str
+    permanent: bool
+
+
+def status_is_permanent(status: int) -> bool:
+    """True for failure statuses that retrying cannot fix."""
+    return status in _PERMANENT_STATUSES or (status >> 8) == 0xA9 or (status >> 12) == 0xC
+
+
+def classify_status(status: int) -> SendOutcome:
+    """Map a C-STORE response status onto acknowledged / transient / permanent."""
+    if status in _ACK_STATUSES:
+        return SendOutcome(True, status, "", False)
+    perm = status_is_permanent(status)
+    kind = "refused (permanent)" if perm else "failed (transient)"
+    return SendOutcome(False, status, f"C-STORE {kind}: status 0x{status:04X}", perm)
+
+
+def send_file(path: Path, dest: Destination, calling_ae: str, timeout: float = 30.0
+              ) -> SendOutcome:
+    """One association, one C-STORE of a Part-10 file as stored (no re-encoding)."""
+    try:
+        meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        sop_class = str(meta.SOPClassUID)
+        ts = str(meta.file_meta.TransferSyntaxUID)
+    except (OSError, ValueError, AttributeError) as exc:
+        return SendOutcome(False, None, f"cannot read stored SR {path.name}: {exc}", True)
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(sop_class, ts)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if assoc.is_rejected:
+        return _rejected(assoc.acceptor.primitive)
+    if not assoc.is_established:
+        return SendOutcome(False, None, f"cannot associate with {dest.ae_title}@{dest.host}:"
+                           f"{dest.port} (connection refused, aborted or timed out)", False)
+    try:
+        rsp = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+    status = getattr(rsp, "Status", None)
+    if status is None:
+        return SendOutcome(False, None, "no C-STORE response (timeout or abort)", False)
+    return classify_status(int(status))
+
+
+def _rejected(primitive: object) -> SendOutcome:
+    """Association rejection: permanent (result 1) or transient (result 2)."""
+    result = getattr(primitive, "result", None)
+    source = getattr(primitive, "result_source", None)
+    diag = getattr(primitive, "diagnostic", None)
+    permanent = result == 0x01
+    text = (f"association rejected ({'permanent' if permanent else 'transient'}, "
+            f"source {source}, reason {diag})")
+    return SendOutcome(False, None, text, permanent)

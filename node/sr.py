@@ -1,0 +1,350 @@
+"""The node's result as a DICOM SR: TID 1500 Measurement Report in a Comprehensive 3D SR.
+
+Layout (IHE AI Results; field notes §3)::
+
+    CONTAINER (126000, DCM, "Imaging Measurement Report")            TID 1500
+      HAS CONCEPT MOD  Language, HAS OBS CONTEXT  device observer (TID 1001/1004)
+      HAS CONCEPT MOD  Procedure reported = (42175-0, LN, "Radionuclide scan of whole body")
+      CONTAINS CONTAINER Imaging Measurements
+        CONTAINS CONTAINER Measurement Group                           TID 1501
+          HAS OBS CONTEXT  Tracking Identifier / Tracking Unique Identifier (deterministic)
+          CONTAINS CODE    Finding = predicted class (SCT)             TID 1501 row 3b
+          HAS CONCEPT MOD  Algorithm Name / Version / Parameters       TID 4019
+          CONTAINS NUM     Probability = p [UCUM "1"]   (one per class) TID 300
+            HAS CONCEPT MOD CODE  Finding = that class (SCT)           TID 300 row 2
+          CONTAINS TEXT    Comment = short warning (fits dsrdump's 30 characters)
+          CONTAINS TEXT    Comment = model provenance and full warning TID 1501 row 12
+          CONTAINS IMAGE   Source of Measurement (+ frame numbers)     one per source instance
+
+How each probability names its class: TID 300 row 2, the generic concept modifier
+(HAS CONCEPT MOD CODE $ModType = $ModValue) of the Probability NUM, with $ModType
+(121071, DCM, "Finding") and $ModValue the class's SNOMED CT code, i.e. "Probability of the
+finding <class>", post-coordinated. The alternatives highdicom offers are misuses: `qualifier`
+is the Numeric Value Qualifier (CID 42: NaN, infinity, ...), `derivation` is CID 7464 (mean,
+maximum, ...), `method` is CID 6147, `properties` is TID 310 (normality, significance),
+`finding_sites` is anatomy. TID 300 is extensible and row 2 exists for exactly this.
+
+Procedure reported: LOINC 42175-0 "Radionuclide scan of whole body", a code DICOM itself uses
+(CID 646) and so verifiable offline. It covers Tc-99m bone scans and 131I whole-body scans alike;
+the bone-specific SNOMED CT 41747008 ("Bone scan") could not be verified here and is not used.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from io import BytesIO
+
+import pydicom
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodeContentItem,
+    CodedConcept,
+    Comprehensive3DSR,
+    ContentSequence,
+    DeviceObserverIdentifyingAttributes,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    RelationshipTypeValues,
+    SourceImageForMeasurementGroup,
+    TextContentItem,
+    TrackingIdentifier,
+)
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from model.classes import CLASS_NAMES, DscintClass
+
+log = logging.getLogger(__name__)
+
+SR_SERIES_NUMBER = 9901
+SERIES_DESCRIPTION = "Dscint AI result"
+PROCEDURE_CODE = CodedConcept("42175-0", "LN", "Radionuclide scan of whole body")
+TRACKING_IDENTIFIER = "Dscint study classification"
+PHANTOM_WARNING = "Not for diagnosis (research)"  # <= 30 characters: dsrdump shows it whole
+DEVICE_WARNING = "Not a medical device"
+PHANTOM_NOTE = ("model trained on simulated phantoms: research use only, not for diagnosis; "
+                "not verified by a physician")
+DEVICE_NOTE = ("automated result of software that is not a certified medical device; "
+               "not verified by a physician")
+PROBABILITY_SUM_TOLERANCE = 0.01
+
+# Patient and study attributes highdicom reads directly from the first evidence item (type 2).
+_REQUIRED_STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                            "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
+                            "ReferringPhysicianName")
+# What the SR copies from the first source: patient and study identity, nothing else.
+_COPIED_KEYWORDS = ("SpecificCharacterSet", *_REQUIRED_STUDY_KEYWORDS, "IssuerOfPatientID",
+                    "StudyDescription")
+
+
+@dataclass(frozen=True)
+class SourceFrame:
+    """One classified view: which instance (and frame of a multi-frame one) it came from."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    frame_number: int | None  # None for single-frame objects
+    view: str  # "anterior" | "posterior" | "unknown"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the SR says about the model that made the result."""
+
+    name: str
+    version: str
+    sha256: str
+    training_data: str
+    trained_on_phantoms: bool
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Study-level result plus the per-view probabilities it was averaged from."""
+
+    predicted_class: str
+    probabilities: Mapping[str, float]
+    per_view: Mapping[str, Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """The node as the SR's device observer and equipment (stable per node)."""
+
+    ae_title: str
+    software_version: str
+    device_uid: str
+    station_name: str | None = None
+    manufacturer: str = "dscint-node"
+    model_name: str = "dscint-node"
+
+
+def sr_uids(study_uid: str, model_sha256: str) -> tuple[str, str]:
+    """(Series, SOP Instance) UIDs from study and model, so a resend never duplicates the SR."""
+    series = generate_uid(entropy_srcs=["dscint-node", "sr-series", study_uid, model_sha256])
+    instance = generate_uid(entropy_srcs=["dscint-node", "sr-instance", study_uid, model_sha256])
+    return str(series), str(instance)
+
+
+def _tracking_uid(study_uid: str, model_sha256: str) -> str:
+    """Deterministic too, so the same result tracks as the same finding across resends."""
+    return str(generate_uid(entropy_srcs=["dscint-node", "tracking", study_uid, model_sha256]))
+
+
+def build_sr(source: Sequence[Dataset], frames: Sequence[SourceFrame], result: Classification,
+             model: ModelInfo, device: DeviceInfo, now: datetime | None = None) -> Dataset:
+    """The study's result as a Comprehensive 3D SR; ValueError on inconsistent input."""
+    _check_inputs(source, frames, result)
+    predicted = DscintClass.by_name(result.predicted_class).value
+    study_uid = str(source[0].StudyInstanceUID)
+    series_uid, sop_uid = sr_uids(study_uid, model.sha256)
+    when = (now or datetime.now()).replace(microsecond=0)
+    report = MeasurementReport(
+        observation_context=_observation_context(device),
+        procedure_reported=PROCEDURE_CODE,
+        imaging_measurements=[_measurement_group(frames, result, model, predicted.name,
+                                                 _tracking_uid(study_uid, model.sha256))],
+    )
+    sr = Comprehensive3DSR(
+        evidence=_evidence(source), content=report, series_instance_uid=series_uid,
+        series_number=SR_SERIES_NUMBER, sop_instance_uid=sop_uid, instance_number=1,
+        manufacturer=device.manufacturer, is_complete=True, is_final=False, is_verified=False,
+        performed_procedure_codes=[PROCEDURE_CODE], transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=_series_description(model), manufacturer_model_name=device.model_name,
+        software_versions=device.software_version, content_date=when.date(),
+        content_time=when.time(), series_date=when.date(), series_time=when.time(),
+    )
+    _finish_header(sr, source[0], device, when)
+    log.debug("built SR %s: %s by %s %s", sop_uid, predicted.name, model.name, model.version)
+    return sr
+
+
+def encode_sr(ds: Dataset) -> bytes:
+    """DICOM Part 10 bytes in Explicit VR Little Endian, as stored and sent by C-STORE."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian:
+        raise ValueError("SR must carry file meta with Explicit VR Little Endian")
+    buf = BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def read_result(ds: Dataset) -> tuple[str, dict[str, float]]:
+    """Predicted class and per-class probabilities as an SR made by build_sr states them."""
+    report = Comprehensive3DSR.from_dataset(ds).content
+    if not isinstance(report, MeasurementReport):
+        raise ValueError("not a Dscint result SR: no TID 1500 measurement report")
+    groups = report.get_image_measurement_groups()
+    if len(groups) != 1 or groups[0].finding_type is None:
+        raise ValueError("not a Dscint result SR: expected one measurement group with a finding")
+    by_code = {m.value.code_value: m.value.name for m in DscintClass}
+    finding = groups[0].finding_type
+    if finding.value not in by_code:
+        raise ValueError(f"finding {finding.value} is not a Dscint class")
+    found: dict[str, float] = {}
+    for m in groups[0].get_measurements(name=codes.DCM.Probability):
+        cls = _modifier_class(m, by_code)
+        if cls is not None:
+            found[cls] = float(m.value)
+    if set(found) != set(CLASS_NAMES):
+        raise ValueError(f"probabilities for {sorted(found)}, expected {list(CLASS_NAMES)}")
+    return by_code[finding.value], {n: found[n] for n in CLASS_NAMES}
+
+
+def _modifier_class(m: Measurement, by_code: Mapping[str, str]) -> str | None:
+    """The class a Probability NUM refers to, from its TID 300 row 2 concept modifier."""
+    for item in m[0].get("ContentSequence", []):
+        if (item.ValueType == "CODE" and item.RelationshipType == "HAS CONCEPT MOD"
+                and item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.Finding.value):
+            return by_code.get(str(item.ConceptCodeSequence[0].CodeValue))
+    return None
+
+
+def _check_inputs(source: Sequence[Dataset], frames: Sequence[SourceFrame],
+                  result: Classification) -> None:
+    """Refuse a result that would make a misleading SR, before anything is built."""
+    DscintClass.by_name(result.predicted_class)  # ValueError naming the valid classes
+    if set(result.probabilities) != set(CLASS_NAMES):
+        raise ValueError(f"probabilities for {sorted(result.probabilities)}, "
+                         f"expected one per class: {list(CLASS_NAMES)}")
+    values = [float(v) for v in result.probabilities.values()]
+    if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values):
+        raise ValueError("probabilities must be finite and within [0, 1]")
+    if abs(sum(values) - 1.0) > PROBABILITY_SUM_TOLERANCE:
+        raise ValueError(f"probabilities sum to {sum(values):.4f}, not 1")
+    if not source:
+        raise ValueError("no source instances")
+    if len({str(ds.StudyInstanceUID) for ds in source}) != 1:
+        raise ValueError("source instances belong to more than one study")
+    if not frames:
+        raise ValueError("no source frames")
+    known = {str(ds.SOPInstanceUID) for ds in source}
+    unknown = {f.sop_instance_uid for f in frames} - known
+    if unknown:
+        raise ValueError(f"frames reference instances not in source: {sorted(unknown)}")
+
+
+def _observation_context(device: DeviceInfo) -> ObservationContext:
+    """The node, not a person, is the observer: the SR stays unverified."""
+    attrs = DeviceObserverIdentifyingAttributes(
+        uid=device.device_uid, name=device.ae_title, manufacturer_name=device.manufacturer,
+        model_name=device.model_name)
+    return ObservationContext(observer_device_context=ObserverContext(
+        observer_type=codes.cid270.Device, observer_identifying_attributes=attrs))
+
+
+def _measurement_group(frames: Sequence[SourceFrame], result: Classification, model: ModelInfo,
+                       predicted: str, tracking_uid: str
+                       ) -> MeasurementsAndQualitativeEvaluations:
+    """One TID 1501 group: finding, algorithm, a probability per class, provenance, sources."""
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier=TRACKING_IDENTIFIER),
+        finding_type=_class_code(predicted),
+        algorithm_id=AlgorithmIdentification(
+            name=model.name, version=model.version, manufacturer="dscint-node",
+            parameters=[f"sha256={model.sha256}", f"training_data={model.training_data}",
+                        f"trained_on_phantoms={str(model.trained_on_phantoms).lower()}"]),
+        measurements=[_probability(name, float(result.probabilities[name]))
+                      for name in CLASS_NAMES],
+    )
+    content = group[0].ContentSequence
+    warning = PHANTOM_WARNING if model.trained_on_phantoms else DEVICE_WARNING
+    for text in (warning, _provenance_text(model, result)):
+        content.append(TextContentItem(  # TID 1501 row 12: a qualitative evaluation as text
+            name=codes.DCM.Comment, value=text,
+            relationship_type=RelationshipTypeValues.CONTAINS))
+    content.extend(_source_images(frames))
+    return group
+
+
+def _class_code(name: str) -> CodedConcept:
+    """A class's SNOMED CT code, from the one table the model also uses."""
+    c = DscintClass.by_name(name).value
+    return CodedConcept(c.code_value, c.scheme, c.code_meaning)
+
+
+def _probability(name: str, value: float) -> Measurement:
+    """Probability NUM for one class, the class named by a TID 300 row 2 concept modifier."""
+    m = Measurement(name=codes.DCM.Probability, value=value, unit=codes.UCUM.NoUnits)
+    modifier = CodeContentItem(name=codes.DCM.Finding, value=_class_code(name),
+                               relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD)
+    m[0].ContentSequence = ContentSequence([modifier])
+    return m
+
+
+def _provenance_text(model: ModelInfo, result: Classification) -> str:
+    """Human-readable provenance and an honest warning, shown by any SR viewer."""
+    note = PHANTOM_NOTE if model.trained_on_phantoms else DEVICE_NOTE
+    views = ", ".join(result.per_view) or "none recorded"
+    return (f"Model provenance: {model.name} {model.version}, weights sha256 {model.sha256}, "
+            f"trained on {model.training_data}. Views classified: {views}. "
+            f"{note[0].upper()}{note[1:]}.")
+
+
+def _series_description(model: ModelInfo) -> str:
+    """Series Description (LO, 64 chars) carries the warning for PACS study browsers."""
+    hint = "research use only, not for diagnosis" if model.trained_on_phantoms \
+        else "not a medical device"
+    return f"{SERIES_DESCRIPTION} - {hint}"
+
+
+def _source_images(frames: Sequence[SourceFrame]) -> list[SourceImageForMeasurementGroup]:
+    """One reference per source instance, naming the frames used of a multi-frame one."""
+    by_instance: dict[str, tuple[str, set[int | None]]] = {}
+    for f in frames:
+        _, numbers = by_instance.setdefault(f.sop_instance_uid, (f.sop_class_uid, set()))
+        numbers.add(f.frame_number)
+    refs = []
+    for uid, (sop_class, numbers) in by_instance.items():
+        whole = None in numbers  # a single-frame object, or the instance as a whole
+        refs.append(SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=sop_class, referenced_sop_instance_uid=uid,
+            referenced_frame_numbers=None if whole else sorted(n for n in numbers if n)))
+    return refs
+
+
+def _evidence(source: Sequence[Dataset]) -> list[Dataset]:
+    """Small copies for highdicom: the caller's datasets stay untouched, pixels never read.
+
+    The first carries the patient and study attributes the SR copies; only those listed, so
+    odd values elsewhere in a camera's header (zero weights, retired tags) stay out of the SR.
+    """
+    evidence = [_identifiers(ds) for ds in source]
+    first = evidence[0]
+    for keyword in _COPIED_KEYWORDS:
+        if keyword in source[0]:
+            first[keyword] = copy.deepcopy(source[0][keyword])
+        elif keyword in _REQUIRED_STUDY_KEYWORDS:
+            setattr(first, keyword, None)
+    # highdicom warns with the patient's name when it looks odd; never let PHI reach a log.
+    first.PatientName = ""
+    return evidence
+
+
+def _identifiers(ds: Dataset) -> Dataset:
+    """What Current Requested Procedure Evidence needs of an instance."""
+    out = Dataset()
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"):
+        setattr(out, keyword, ds[keyword].value)
+    return out
+
+
+def _finish_header(sr: Dataset, first: Dataset, device: DeviceInfo, when: datetime) -> None:
+    """Restore the real patient name; stamp the caller's time everywhere (repeatable output)."""
+    if "PatientName" in first:
+        sr.PatientName = first.PatientName
+    sr.InstanceCreationDate = when.strftime("%Y%m%d")
+    sr.InstanceCreationTime = when.strftime("%H%M%S")
+    for item in sr.get("ContributingEquipmentSequence", []):  # highdicom stamps wall-clock time
+        item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S")
+    if device.station_name:
+        sr.StationName = device.station_name[:16]
