@@ -71,6 +71,7 @@ class TrainResult:
     test_probabilities: np.ndarray
     images_per_second: float
     seconds: float
+    inputs: torch.Tensor  # every image preprocessed, for baselines on the same split
 
 
 def preprocess_all(images: Sequence[np.ndarray], params: PreprocessParams, progress: bool
@@ -160,6 +161,7 @@ def train_model(data: LabelledImages, cfg: TrainConfig,
         study_metrics=compute_metrics(y_study, p_study, CLASS_NAMES), history=history,
         train_index=train_idx, test_index=test_idx, test_probabilities=probs,
         images_per_second=cfg.epochs * len(train_idx) / max(seconds, 1e-9), seconds=seconds,
+        inputs=x_all,
     )
 
 

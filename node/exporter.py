@@ -1,0 +1,80 @@
+"""SR export loop: C-STORE to PACS until acknowledged, with capped exponential backoff and a
+dead-letter state after the configured number of attempts (or at once for permanent refusals).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from node.config import ExportSection
+from node.scu import Destination, SendOutcome, send_file
+from storage.db import Database
+from storage.queue import (
+    ClaimedExport,
+    backoff_delay,
+    claim_export,
+    export_failed,
+    export_succeeded,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportContext:
+    """Dependencies of the exporter, handed in explicitly."""
+
+    db: Database
+    destination: Destination
+    calling_ae: str
+    policy: ExportSection
+
+
+def next_attempt(policy: ExportSection, attempts: int, outcome: SendOutcome, now: datetime
+                 ) -> datetime | None:
+    """When to try again, or None to dead-letter."""
+    if outcome.permanent or attempts >= policy.max_attempts:
+        return None
+    delay = backoff_delay(attempts, policy.backoff_base_seconds, policy.backoff_cap_seconds)
+    return now + timedelta(seconds=delay)
+
+
+def deliver(ctx: ExportContext, job: ClaimedExport) -> SendOutcome:
+    """One attempt for one claimed export, with its bookkeeping."""
+    outcome = send_file(Path(job.sr_path), ctx.destination, ctx.calling_ae,
+                        ctx.policy.timeout_seconds)
+    now = datetime.now(UTC)
+    if outcome.acknowledged:
+        export_succeeded(ctx.db, job.export_id, outcome.status or 0, now=now)
+        log.info("SR %s of study %s acknowledged by %s (status 0x%04X)", job.sr_sop_uid,
+                 job.study_uid, job.destination, outcome.status or 0)
+        return outcome
+    retry_at = next_attempt(ctx.policy, job.attempts, outcome, now)
+    export_failed(ctx.db, job.export_id, outcome.error, outcome.status, retry_at, now=now)
+    if retry_at is None:
+        log.error("SR %s of study %s dead-lettered after %d attempt(s): %s", job.sr_sop_uid,
+                  job.study_uid, job.attempts, outcome.error)
+    else:
+        log.warning("SR %s of study %s not delivered (attempt %d): %s; retry at %s",
+                    job.sr_sop_uid, job.study_uid, job.attempts, outcome.error,
+                    retry_at.isoformat(timespec="seconds"))
+    return outcome
+
+
+def run_forever(ctx: ExportContext, worker_id: str, wake: threading.Event,
+                stop: threading.Event, idle_seconds: float = 1.0) -> None:
+    """Deliver due exports until stopped; woken early when a result is stored."""
+    while not stop.is_set():
+        try:
+            job = claim_export(ctx.db, worker_id)
+            if job is not None:
+                deliver(ctx, job)
+                continue
+        except Exception:
+            log.exception("exporter %s: unexpected error", worker_id)
+        wake.wait(idle_seconds)
+        wake.clear()

@@ -1,0 +1,129 @@
+"""Classification worker: claims complete studies, runs Dscint off the association threads,
+builds the SR and queues its export — result and export row in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+
+from model.classifier import Classifier, StudyPrediction
+from node.dicom_io import extract_views
+from node.sr import Classification, DeviceInfo, ModelInfo, SourceFrame, build_sr, encode_sr
+from storage.db import Database
+from storage.filestore import FileStore
+from storage.queue import (
+    ClaimedJob,
+    NewResult,
+    claim_job,
+    finish_job,
+    store_result,
+    study_instances,
+)
+
+log = logging.getLogger(__name__)
+
+PHANTOM_WARNING = "model trained on simulated phantoms: research use only, not for diagnosis"
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """Dependencies of a worker, handed in explicitly."""
+
+    db: Database
+    files: FileStore
+    classifier: Callable[[], Classifier]  # returns the model currently served
+    device: DeviceInfo
+    destination: str
+    on_result: Callable[[], None]
+
+
+def model_info(clf: Classifier) -> ModelInfo:
+    """What the SR says about the model that made it."""
+    m = clf.metadata
+    return ModelInfo(name=m.name, version=m.version, sha256=m.weights_sha256,
+                     training_data=m.training_data, trained_on_phantoms=m.trained_on_phantoms)
+
+
+def load_study(db: Database, study_uid: str
+               ) -> tuple[list[Dataset], list[SourceFrame], list[tuple[str, object]]]:
+    """Headers, frame references and (view, pixels) of a study's on-time instances."""
+    headers: list[Dataset] = []
+    frames: list[SourceFrame] = []
+    views: list[tuple[str, object]] = []
+    for inst in study_instances(db, study_uid):
+        if inst.late:
+            continue
+        ds = dcmread(Path(inst.path))
+        for v in extract_views(ds):
+            frames.append(SourceFrame(str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                      v.frame_number, v.view.value))
+            views.append((v.view.value, v.pixels))
+        del ds.PixelData
+        headers.append(ds)
+    return headers, frames, views
+
+
+def classify(ctx: WorkerContext, job: ClaimedJob) -> None:
+    """One study: classify, build and store the SR, queue the export."""
+    clf = ctx.classifier()
+    headers, frames, views = load_study(ctx.db, job.study_uid)
+    if not views:
+        raise ValueError(f"study {job.study_uid} has no decodable views")
+    pred = clf.classify_study(views)  # type: ignore[arg-type]
+    info = model_info(clf)
+    sr = build_sr(headers, frames, _classification(pred), info, ctx.device)
+    data = encode_sr(sr)
+    sr_path = ctx.files.write_sr(job.study_uid, str(sr.SOPInstanceUID), data)
+    store_result(ctx.db, NewResult(
+        study_uid=job.study_uid, job_id=job.job_id, model_version=info.version,
+        model_sha256=info.sha256, predicted_class=pred.predicted_class,
+        probabilities=pred.probabilities,
+        per_view={v.label: v.probabilities for v in pred.views},
+        sr_sop_uid=str(sr.SOPInstanceUID), sr_series_uid=str(sr.SeriesInstanceUID),
+        sr_path=str(sr_path), note=PHANTOM_WARNING if info.trained_on_phantoms else None,
+    ), ctx.destination)
+    probs = ", ".join(f"{k} {v:.3f}" for k, v in pred.probabilities.items())
+    log.info("study %s classified %s (%s) by %s %s%s", job.study_uid, pred.predicted_class, probs,
+             info.name, info.version, f" [{PHANTOM_WARNING}]" if info.trained_on_phantoms else "")
+
+
+def _classification(pred: StudyPrediction) -> Classification:
+    return Classification(predicted_class=pred.predicted_class,
+                          probabilities=pred.probabilities,
+                          per_view={v.label: v.probabilities for v in pred.views})
+
+
+def run_once(ctx: WorkerContext, worker_id: str) -> bool:
+    """Claim and process one job; False when the queue is empty."""
+    job = claim_job(ctx.db, worker_id)
+    if job is None:
+        return False
+    try:
+        classify(ctx, job)
+    except Exception as exc:  # a bad study must not stop the worker
+        log.exception("classification of study %s failed", job.study_uid)
+        finish_job(ctx.db, job.job_id, ok=False, error=f"{type(exc).__name__}: {exc}")
+        return True
+    finish_job(ctx.db, job.job_id, ok=True)
+    ctx.on_result()
+    return True
+
+
+def run_forever(ctx: WorkerContext, worker_id: str, wake: threading.Event,
+                stop: threading.Event, idle_seconds: float = 1.0) -> None:
+    """Loop until stopped; woken early when a study completes."""
+    while not stop.is_set():
+        try:
+            busy = run_once(ctx, worker_id)
+        except Exception:  # e.g. database briefly unavailable: log, back off, go on
+            log.exception("worker %s: queue error", worker_id)
+            busy = False
+        if not busy:
+            wake.wait(idle_seconds)
+            wake.clear()

@@ -1,0 +1,319 @@
+"""Queue database: engine set-up for durability and concurrency, and the ORM models.
+
+SQLite (default) runs in WAL mode with ``synchronous=FULL`` so a committed instance row
+survives a power cut before C-STORE Success is answered, and every write transaction starts
+with ``BEGIN IMMEDIATE`` so two writers never deadlock upgrading a read lock. PostgreSQL
+is used unchanged; queries in ``storage.queue`` are portable to both.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+log = logging.getLogger(__name__)
+
+UID = 64  # DICOM UIDs are at most 64 characters
+AE = 64  # calling AE titles (16 chars in DICOM; headroom for odd peers)
+DESTINATION = 255  # "AE@host:port"
+SQLITE_BUSY_TIMEOUT_MS = 30000
+SQLITE_POOL_SIZE = 10
+SQLITE_POOL_OVERFLOW = 40
+READ_ONLY_OPTION = "dscint_read_only"
+
+
+class StudyState(StrEnum):
+    """Life of a study: receiving -> complete -> classifying -> classified | failed."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    CLASSIFYING = "classifying"
+    CLASSIFIED = "classified"
+    FAILED = "failed"
+
+
+class CompletionReason(StrEnum):
+    """Why a study was declared complete."""
+
+    BOTH_VIEWS = "both_views"
+    QUIET = "quiet"
+    MANUAL = "manual"
+
+
+class JobState(StrEnum):
+    """Classify job: pending -> claimed -> done | failed (claimed -> pending after a crash)."""
+
+    PENDING = "pending"
+    CLAIMED = "claimed"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ExportState(StrEnum):
+    """SR export: pending -> sending -> done | pending (retry) | dead (re-queueable)."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    DONE = "done"
+    DEAD = "dead"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every backend.
+
+    SQLite has no time zones: values are stored as naive UTC (fixed-width text, so
+    comparisons in SQL still order correctly) and come back aware. PostgreSQL gets
+    ``timestamptz``. Naive input is refused rather than guessed.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Normalise to UTC; naive for SQLite."""
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("naive datetime given to the database; use datetime.now(UTC)")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect
+                             ) -> datetime | None:
+        """Always hand back aware UTC."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def _in(column: str, enum: type[StrEnum]) -> str:
+    """CHECK expression that keeps a state column within its enum."""
+    return f"{column} IN ({', '.join(repr(m.value) for m in enum)})"
+
+
+class Base(DeclarativeBase):
+    """Declarative base with constraint names that are stable across backends."""
+
+    metadata = MetaData(naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    })
+
+
+class Study(Base):
+    """One study as received; ``patient_key`` is an opaque hash, never a PatientID."""
+
+    __tablename__ = "studies"
+    __table_args__ = (
+        CheckConstraint(_in("state", StudyState), name="state"),
+        Index("ix_studies_state_last", "state", "last_instance_at"),
+    )
+
+    study_uid: Mapped[str] = mapped_column(String(UID), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default=StudyState.RECEIVING.value)
+    first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_instance_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    completion_reason: Mapped[str | None] = mapped_column(String(16), default=None)
+    has_anterior: Mapped[bool] = mapped_column(Boolean, default=False)
+    has_posterior: Mapped[bool] = mapped_column(Boolean, default=False)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    late_instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    patient_key: Mapped[str | None] = mapped_column(Text, default=None)
+    calling_ae: Mapped[str] = mapped_column(String(AE), default="")
+
+
+class Instance(Base):
+    """One stored SOP instance and where its bytes are."""
+
+    __tablename__ = "instances"
+
+    sop_uid: Mapped[str] = mapped_column(String(UID), primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(UID), ForeignKey("studies.study_uid"),
+                                           index=True)
+    series_uid: Mapped[str] = mapped_column(String(UID))
+    sop_class_uid: Mapped[str] = mapped_column(String(UID))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(UID))
+    path: Mapped[str] = mapped_column(Text)
+    views: Mapped[str] = mapped_column(String(256), default="")
+    n_frames: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    calling_ae: Mapped[str] = mapped_column(String(AE), default="")
+    late: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Job(Base):
+    """A unit of work for a worker; at most one active classify job per study."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(_in("state", JobState), name="state"),
+        Index("ix_jobs_claim", "state", "kind", "id"),
+        Index("uq_jobs_one_active", "study_uid", "kind", unique=True,
+              sqlite_where=text("state IN ('pending', 'claimed')"),
+              postgresql_where=text("state IN ('pending', 'claimed')")),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(String(UID), ForeignKey("studies.study_uid"))
+    kind: Mapped[str] = mapped_column(String(32), default="classify")
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_by: Mapped[str | None] = mapped_column(Text, default=None)  # host:AE:worker
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class Result(Base):
+    """A classification and the SR that reports it; probabilities are JSON text."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(String(UID), ForeignKey("studies.study_uid"),
+                                           index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), default=None)
+    model_version: Mapped[str] = mapped_column(Text)
+    model_sha256: Mapped[str] = mapped_column(Text)
+    predicted_class: Mapped[str] = mapped_column(Text)
+    probabilities: Mapped[str] = mapped_column(Text)
+    per_view: Mapped[str] = mapped_column(Text)
+    sr_sop_uid: Mapped[str] = mapped_column(String(UID))
+    sr_series_uid: Mapped[str] = mapped_column(String(UID))
+    sr_path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    note: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class Export(Base):
+    """Delivery of one SR to one destination; unique per (SR, destination)."""
+
+    __tablename__ = "exports"
+    __table_args__ = (
+        UniqueConstraint("sr_sop_uid", "destination", name="uq_exports_sr_destination"),
+        CheckConstraint(_in("state", ExportState), name="state"),
+        Index("ix_exports_claim", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    study_uid: Mapped[str] = mapped_column(String(UID), ForeignKey("studies.study_uid"))
+    sr_sop_uid: Mapped[str] = mapped_column(String(UID))
+    destination: Mapped[str] = mapped_column(String(DESTINATION))
+    state: Mapped[str] = mapped_column(String(16), default=ExportState.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    claimed_by: Mapped[str | None] = mapped_column(Text, default=None)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    last_status: Mapped[int | None] = mapped_column(Integer, default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    acked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    """Per-connection pragmas; the driver's own BEGIN handling is switched off."""
+    dbapi_connection.isolation_level = None
+    cur = dbapi_connection.cursor()
+    try:
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cur.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    """Take the write lock up front (no lock upgrade, no SQLITE_BUSY deadlock).
+
+    Read-only sessions (``Database.read_session``) use a deferred BEGIN: in WAL mode
+    they read a snapshot and never wait for writers.
+    """
+    deferred = conn.get_execution_options().get(READ_ONLY_OPTION, False)
+    conn.exec_driver_sql("BEGIN DEFERRED" if deferred else "BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    """Engine tuned for the queue: durable, immediate-lock SQLite, or pre-pinged others."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:" and \
+            not parsed.query.get("uri"):
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    # a session may wait up to busy_timeout for the write lock while holding a pooled
+    # connection: a roomy pool keeps many associations from timing out on the pool instead
+    engine = create_engine(url, pool_size=SQLITE_POOL_SIZE, max_overflow=SQLITE_POOL_OVERFLOW,
+                           connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+                                         "check_same_thread": False})
+    event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+class Database:
+    """Engine plus session factories; create one per process, share it between threads."""
+
+    def __init__(self, url: str) -> None:
+        """Build the engine (connects lazily: nothing touches the database yet)."""
+        self.url = url
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(bind=self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(
+            bind=self.engine.execution_options(**{READ_ONLY_OPTION: True}),
+            expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        """Backend name: ``sqlite`` or ``postgresql``."""
+        return self.engine.dialect.name
+
+    def session(self) -> Session:
+        """A session for writes; use as ``with db.session() as s, s.begin(): ...``."""
+        return self._sessions()
+
+    def read_session(self) -> Session:
+        """A session for reads only; on SQLite it does not take the write lock."""
+        return self._read_sessions()
+
+    def create_all(self) -> None:
+        """Create missing tables and indexes (idempotent)."""
+        Base.metadata.create_all(self.engine)
+
+    def dispose(self) -> None:
+        """Close pooled connections (at shutdown, or in a child process after fork)."""
+        self.engine.dispose()
