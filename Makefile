@@ -21,6 +21,7 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 test: lint
+	bash .ci/system-deps.sh
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

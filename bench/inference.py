@@ -59,7 +59,7 @@ def time_per_image(fn: torch.nn.Module, batch: int, seconds: float = 3.0) -> flo
     with torch.inference_mode():
         for _ in range(3):
             fn(x)
-        times = []
+        times: list[float] = []
         end = time.perf_counter() + seconds
         while time.perf_counter() < end or len(times) < 5:
             t = time.perf_counter()

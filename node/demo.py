@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DEMO_TRAIN_PATIENTS = 240
 DEMO_TRAIN_EPOCHS = 4
+ABBREV = {"normal": "N", "bone_metastasis": "M", "arthritis": "A", "thyroid_carcinoma": "T"}
 DISCLAIMER = ("The model was trained on SIMULATED PHANTOMS, not on patients: its output is a "
               "demonstration, not a diagnosis.")
 
@@ -89,14 +90,14 @@ def _read_sr(ds: object) -> tuple[str, str]:
     """Predicted class and probabilities as the SR states them."""
     from node.sr import read_result
     pred, probs = read_result(ds)  # type: ignore[arg-type]
-    return pred, " ".join(f"{k[:4]} {v:.2f}" for k, v in probs.items())
+    return pred, " ".join(f"{ABBREV[k]} {v:.2f}" for k, v in probs.items())
 
 
 def _table(sent: list[SentStudy]) -> Table:
     t = Table(title="dscint-node demo — model trained on simulated phantoms, not for diagnosis")
-    for col in ("study", "layout", "true class", "predicted", "probabilities",
-                "s last instance -> SR ack"):
-        t.add_column(col)
+    for col in ("study", "layout", "true class", "predicted", "probabilities N/M/A/T",
+                "s to SR ack"):
+        t.add_column(col, no_wrap=True)
     for s in sent:
         ok = "" if s.predicted == s.label else " ✗"
         t.add_row("…" + s.study_uid[-12:], s.layout, s.label, s.predicted + ok, s.probabilities,
@@ -107,7 +108,7 @@ def _table(sent: list[SentStudy]) -> Table:
 def run_demo(cfg: Config | None = None, n_per_class: int = 2, workdir: Path | None = None
              ) -> int:
     """Run the loop; exit code 0 when every study got its SR."""
-    console = Console()
+    console = Console(width=120)
     workdir = workdir or Path(tempfile.mkdtemp(prefix="dscint-demo-"))
     console.print(f"[bold]dscint-node demo[/bold] in {workdir}\n{DISCLAIMER}")
     model_path = _model(cfg, workdir, console)

@@ -1,0 +1,151 @@
+"""Ingest benchmark: DCMTK storescu sends the same 1 MB two-frame NM files to the node and to
+DCMTK storescp, with 1 and 4 associations, side by side in one run.
+
+Reports files/s, receiver CPU ms per file, receiver peak RSS and the node/storescp ratio.
+`python -m bench.ingest [--files 200] [--json out.json]`. Needs dcmtk (`make test` installs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pydicom.uid import generate_uid
+
+from bench.common import NodeProcess, cpu_seconds, dcmtk_env, free_port, rss_mib, wait_port
+from model.phantom_dicom import DicomLayout, study_datasets
+from model.phantoms import generate_study
+from node.pacs_standin import PacsStandIn
+from tests.conftest import export_untrained
+
+
+@dataclass
+class Row:
+    """One receiver x association count."""
+
+    receiver: str
+    associations: int
+    files: int
+    seconds: float
+    files_per_s: float
+    cpu_ms_per_file: float
+    peak_rss_mib: float
+
+
+def make_files(out: Path, n: int, studies: int) -> list[Path]:
+    """n two-frame NM objects (1 MiB of pixels each) spread over `studies` studies."""
+    base = study_datasets(generate_study("normal", seed=1), DicomLayout.MULTIFRAME)[0]
+    paths = []
+    study_uids = [generate_uid() for _ in range(studies)]
+    series_uids = {u: generate_uid() for u in study_uids}
+    for i in range(n):
+        ds = base.copy()
+        ds.StudyInstanceUID = study_uids[i % studies]
+        ds.SeriesInstanceUID = series_uids[ds.StudyInstanceUID]
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        p = out / f"f{i:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+def send(files: list[Path], port: int, associations: int, aet: str) -> float:
+    """Run `associations` storescu processes in parallel; wall seconds."""
+    chunks = [files[i::associations] for i in range(associations)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aec", aet, "-aet", "BENCH_CAM", "127.0.0.1",
+                               str(port), *map(str, c)], env=dcmtk_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for c in chunks]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+    return time.perf_counter() - t0
+
+
+def measure(name: str, pid: int, port: int, aet: str, files: list[Path], assocs: int) -> Row:
+    """CPU and wall time of one send, read from /proc of the receiver."""
+    cpu0 = cpu_seconds(pid)
+    secs = send(files, port, assocs, aet)
+    cpu = cpu_seconds(pid) - cpu0
+    return Row(name, assocs, len(files), round(secs, 3), round(len(files) / secs, 1),
+               round(cpu / len(files) * 1000, 2), round(rss_mib(pid, "VmHWM"), 1))
+
+
+def run_storescp(work: Path, files: list[Path], assocs: int) -> Row:
+    """DCMTK storescp writing to disk, the reference receiver."""
+    port = free_port()
+    out = work / f"storescp-{assocs}"
+    out.mkdir()
+    proc = subprocess.Popen(["storescp", "--fork" if assocs > 1 else "--single-process",
+                             "-aet", "STORESCP", "-od", str(out), str(port)]
+                            if assocs > 1 else
+                            ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
+                            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        row = measure("dcmtk storescp", proc.pid, port, "STORESCP", files, assocs)
+        if assocs > 1:  # --fork: children did the work; count their CPU via the parent's cutime
+            row.cpu_ms_per_file = float("nan")
+        return row
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def run_node(work: Path, model: Path, files: list[Path], assocs: int) -> Row:
+    """The node as deployed (separate process, classification running alongside)."""
+    pacs = PacsStandIn(ae_title="BENCH_PACS")
+    pacs.start()
+    nwork = work / f"node-{assocs}"
+    nwork.mkdir()
+    node = NodeProcess.start(nwork, model, pacs.port)
+    try:
+        return measure("dscint-node", node.proc.pid, node.port, "DSCINT", files, assocs)
+    finally:
+        node.stop()
+        pacs.stop()
+
+
+def main() -> None:
+    """Side-by-side table."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=200)
+    ap.add_argument("--studies", type=int, default=20)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if not shutil.which("storescu"):
+        raise SystemExit("dcmtk is not installed (make test installs it)")
+    with tempfile.TemporaryDirectory(prefix="dscint-ingest-") as tmp:
+        work = Path(tmp)
+        (work / "files").mkdir()
+        files = make_files(work / "files", args.files, args.studies)
+        model = export_untrained(work / "model.pt")
+        rows: list[Row] = []
+        for assocs in (1, 4):
+            rows.append(run_storescp(work, files, assocs))
+            rows.append(run_node(work, model, files, assocs))
+    print(f"{args.files} files of {files and 1.0:.1f} MiB pixel data, {args.studies} studies; "
+          "receivers on 127.0.0.1; TCP_NODELAY=1 for DCMTK")
+    print(f"{'receiver':<16}{'assocs':>7}{'files/s':>9}{'cpu ms/file':>13}{'peak RSS MiB':>14}"
+          f"{'node/storescp':>15}")
+    ref = {r.associations: r.files_per_s for r in rows if r.receiver == "dcmtk storescp"}
+    for r in rows:
+        ratio = f"{r.files_per_s / ref[r.associations]:.2f}" if r.receiver != "dcmtk storescp" \
+            else ""
+        print(f"{r.receiver:<16}{r.associations:>7}{r.files_per_s:>9}{r.cpu_ms_per_file:>13}"
+              f"{r.peak_rss_mib:>14}{ratio:>15}")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+
+
+if __name__ == "__main__":
+    main()
