@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from model.archs import Probabilities, build_network, get_arch, set_channels_last
 from model.augment import AugmentParams, augment_batch
 from model.classes import CLASS_NAMES
-from model.dscint import Dscint, DscintProbabilities
 from model.export import ModelMetadata, export_torchscript
 from model.metrics import ClassificationMetrics, compute_metrics
 from model.preprocess import PreprocessParams, preprocess_view
@@ -56,13 +56,20 @@ class TrainConfig:
     augment: AugmentParams = field(default_factory=AugmentParams)
     threads: int | None = None
     progress: bool = True
+    arch: str = "dscint"  # model.archs key: dscint or a baseline
+    balance_classes: bool = False  # sample the training part toward TABLE3_PROPORTIONS
+    channels_last: bool = True  # NHWC convolutions: measured faster on this CPU
+
+
+# Paper Table 3 (augmented dataset): normal, bone metastasis, arthritis, thyroid carcinoma.
+TABLE3_PROPORTIONS: tuple[float, ...] = (1660 / 6530, 1582 / 6530, 1500 / 6530, 1788 / 6530)
 
 
 @dataclass
 class TrainResult:
     """A trained network, its held-out evaluation and how fast it trained."""
 
-    net: Dscint
+    net: nn.Module
     image_metrics: ClassificationMetrics
     study_metrics: ClassificationMetrics
     history: list[dict[str, float]]
@@ -72,6 +79,7 @@ class TrainResult:
     images_per_second: float
     seconds: float
     inputs: torch.Tensor  # every image preprocessed, for baselines on the same split
+    trained_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def preprocess_all(images: Sequence[np.ndarray], params: PreprocessParams, progress: bool
@@ -83,27 +91,47 @@ def preprocess_all(images: Sequence[np.ndarray], params: PreprocessParams, progr
     return out
 
 
-def _train_epoch(net: Dscint, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                 cfg: TrainConfig, gen: torch.Generator, bar: tqdm) -> tuple[float, float]:
+def balanced_weights(labels: torch.Tensor, target: Sequence[float] = TABLE3_PROPORTIONS
+                     ) -> torch.Tensor:
+    """Per-image sampling weight target[c] / count[c]: classes drawn in Table 3 proportions."""
+    counts = torch.bincount(labels, minlength=len(target)).double()
+    per_class = torch.tensor(target, dtype=torch.float64) / counts.clamp(min=1)
+    return per_class[labels]
+
+
+def epoch_order(y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """Indices into the training part for one epoch: a permutation, or a balanced draw."""
+    if cfg.balance_classes and len(y):
+        return torch.multinomial(balanced_weights(y), len(y), replacement=True, generator=gen)
+    return torch.randperm(len(y), generator=gen)
+
+
+def _train_epoch(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 cfg: TrainConfig, gen: torch.Generator, bar: tqdm,
+                 seen: set[int] | None = None) -> tuple[float, float]:
     """One pass over the training part; returns (mean loss, accuracy)."""
     net.train()
     loss_fn = nn.CrossEntropyLoss()
-    order = torch.randperm(len(x), generator=gen)
+    order = epoch_order(y, cfg, gen)
     total_loss, correct = 0.0, 0
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start:start + cfg.batch_size]
         if len(idx) < 2:  # BatchNorm needs two samples in training mode
             continue
+        if seen is not None:
+            seen.update(int(i) for i in idx)
         xb = augment_batch(x[idx], gen, cfg.augment)
+        if cfg.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
         logits = net(xb)
         loss = loss_fn(logits, y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total_loss += float(loss) * len(idx)
+        total_loss += loss.item() * len(idx)
         correct += int((logits.argmax(1) == y[idx]).sum())
         bar.update(len(idx))
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     return total_loss / max(len(x), 1), correct / max(len(x), 1)
 
 
@@ -130,26 +158,36 @@ def study_level(patient_ids: Sequence[str], labels: np.ndarray, probs: np.ndarra
 
 
 def train_model(data: LabelledImages, cfg: TrainConfig,
-                params: PreprocessParams | None = None) -> TrainResult:
-    """Split by patient, train with Adam, evaluate on held-out patients."""
+                params: PreprocessParams | None = None,
+                split: tuple[np.ndarray, np.ndarray] | None = None,
+                inputs: torch.Tensor | None = None) -> TrainResult:
+    """Split by patient, train with Adam, evaluate on held-out patients.
+
+    `split` (train, test image indices, e.g. one k-fold) and `inputs` (preprocess_all output)
+    let repeated runs reuse one split and one preprocessing pass.
+    """
     params = params or PreprocessParams()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     labels = np.asarray(data.labels, dtype=np.int64)
-    train_idx, test_idx = patient_split(data.patient_ids, labels, cfg.test_fraction, cfg.seed)
-    x_all = preprocess_all(data.images, params, cfg.progress)
+    train_idx, test_idx = split if split is not None else patient_split(
+        data.patient_ids, labels, cfg.test_fraction, cfg.seed)
+    x_all = inputs if inputs is not None else preprocess_all(data.images, params, cfg.progress)
     y_all = torch.from_numpy(labels)
     x_train, y_train = x_all[train_idx], y_all[train_idx]
-    net = Dscint()
+    net = build_network(cfg.arch)
+    if cfg.channels_last:
+        set_channels_last(net)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     history: list[dict[str, float]] = []
+    seen: set[int] = set()
     t0 = time.perf_counter()
-    with tqdm(total=cfg.epochs * len(train_idx), desc="train Dscint", unit="img",
-              disable=not cfg.progress) as bar:
+    with tqdm(total=cfg.epochs * len(train_idx), desc=f"train {get_arch(cfg.arch).display}",
+              unit="img", disable=not cfg.progress) as bar:
         for epoch in range(cfg.epochs):
-            loss, acc = _train_epoch(net, opt, x_train, y_train, cfg, gen, bar)
+            loss, acc = _train_epoch(net, opt, x_train, y_train, cfg, gen, bar, seen)
             history.append({"epoch": epoch + 1, "loss": loss, "train_accuracy": acc})
             log.info("epoch %d/%d loss %.4f train accuracy %.3f", epoch + 1, cfg.epochs, loss, acc)
     seconds = time.perf_counter() - t0
@@ -161,7 +199,7 @@ def train_model(data: LabelledImages, cfg: TrainConfig,
         study_metrics=compute_metrics(y_study, p_study, CLASS_NAMES), history=history,
         train_index=train_idx, test_index=test_idx, test_probabilities=probs,
         images_per_second=cfg.epochs * len(train_idx) / max(seconds, 1e-9), seconds=seconds,
-        inputs=x_all,
+        inputs=x_all, trained_indices=np.asarray(train_idx)[sorted(seen)],
     )
 
 
@@ -188,8 +226,9 @@ def export_trained(result: TrainResult, data: LabelledImages, cfg: TrainConfig, 
     cfg_dict = asdict(cfg)
     meta = ModelMetadata(
         version=version or default_version(), weights_sha256="",
+        name=get_arch(cfg.arch).display, arch=cfg.arch,
         training_data=data.description, trained_on_phantoms=data.trained_on_phantoms,
         preprocessing=params or PreprocessParams(), metrics=headline(result),
         train_config=cfg_dict,
     )
-    return export_torchscript(DscintProbabilities(result.net), path, meta)
+    return export_torchscript(Probabilities(set_channels_last(result.net, False)), path, meta)

@@ -1,4 +1,4 @@
-"""`python -m node ...`: serve, status, resend, demo, phantoms, train."""
+"""`python -m node ...`: serve, status, resend, demo, phantoms, train, retrain, models."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("pynetdicom", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    for value_quoting in ("pydicom", "highdicom", "pynetdicom.utils"):  # they quote values
+        logging.getLogger(value_quoting).setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
     warnings.filterwarnings("ignore", module=r"highdicom(\..*)?")
 
@@ -85,6 +86,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from node.retrain import run_retrain
+    cfg = load_config(args.config)
+    _setup_logging("INFO")
+    return run_retrain(cfg, args)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from node.retrain import run_models
+    cfg = load_config(args.config)
+    return run_models(cfg, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands; `--config` defaults to embedded defaults."""
     p = argparse.ArgumentParser(prog="python -m node", description=__doc__)
@@ -114,11 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--difficulty", type=float, default=0.5)
     t.add_argument("--no-baseline", action="store_true")
+    from node.retrain import add_models_arguments, add_retrain_arguments
+    add_retrain_arguments(sub.add_parser(
+        "retrain", help="paper protocol on your data: report, registry, promotion"))
+    add_models_arguments(sub.add_parser(
+        "models", help="list registered models; 'rollback'; 'promote VERSION'"))
     return p
 
 
 COMMANDS = {"serve": _cmd_serve, "status": _cmd_status, "resend": _cmd_resend,
-            "demo": _cmd_demo, "phantoms": _cmd_phantoms, "train": _cmd_train}
+            "demo": _cmd_demo, "phantoms": _cmd_phantoms, "train": _cmd_train,
+            "retrain": _cmd_retrain, "models": _cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -66,6 +66,11 @@ class PacsSection:
     ae_title: str = "PACS"
     host: str = "127.0.0.1"
     port: int = 104
+    tls: bool = False  # DICOM over TLS to PACS; its certificate is verified
+    tls_ca_file: str = ""  # CAs that sign PACS's certificate; empty = system CAs
+    tls_cert_file: str = ""  # our client certificate, when PACS requires one
+    tls_key_file: str = ""
+    tls_server_name: str = ""  # name in PACS's certificate; empty = host
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,9 @@ class StorageSection:
 
     root: str = "var/dscint"
     database: str = ""  # empty = sqlite file <root>/dscint.db
+    min_free_mb: int = 512  # C-STORE answers 0xA700 below this much free disk
+    retention_days: float = 0.0  # delivered studies' files purged after this; 0 = keep
+    housekeeping_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,25 @@ class LoggingSection:
 
 
 @dataclass(frozen=True)
+class TlsSection:
+    """[tls]: DICOM over TLS for incoming associations (off = plain TCP)."""
+
+    enabled: bool = False
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""  # CAs whose client certificates are accepted
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class HealthSection:
+    """[health]: the HTTP health endpoint (port 0 = off), local-only by default."""
+
+    port: int = 0
+    bind_address: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the node needs, validated."""
 
@@ -119,6 +146,8 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     completion: CompletionSection = field(default_factory=CompletionSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    tls: TlsSection = field(default_factory=TlsSection)
+    health: HealthSection = field(default_factory=HealthSection)
     base_dir: Path = Path(".")
 
     @property
@@ -140,6 +169,15 @@ class Config:
     def caller_rules(self) -> tuple[CallerRule, ...]:
         """Parsed allowlist; empty means any caller is accepted."""
         return tuple(CallerRule.parse(c) for c in self.node.allowed_callers)
+
+    def file_path(self, p: str) -> Path | None:
+        """A configured file (TLS keys, CAs) resolved like the others; None when unset."""
+        return _resolve(self.base_dir, p) if p else None
+
+    @property
+    def min_free_bytes(self) -> int:
+        """The free-disk watermark in bytes."""
+        return self.storage.min_free_mb * 1024 * 1024
 
     @property
     def pacs_destination(self) -> str:
@@ -202,11 +240,29 @@ def _validate(cfg: Config) -> None:
         (cfg.completion.quiet_seconds > 0, "[completion].quiet_seconds must be > 0"),
         (cfg.logging.level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
          "[logging].level must be DEBUG, INFO, WARNING or ERROR"),
+        *_safety_checks(cfg),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
     cfg.caller_rules  # noqa: B018 - parses, raising ConfigError on a bad entry
+
+
+def _safety_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """Checks of the [tls], [health] and resource keys."""
+    t, p, s = cfg.tls, cfg.pacs, cfg.storage
+    return [
+        (not t.enabled or bool(t.cert_file and t.key_file),
+         "[tls].cert_file and key_file are required when [tls].enabled"),
+        (not t.require_client_cert or (t.enabled and bool(t.ca_file)),
+         "[tls].require_client_cert needs [tls].enabled and [tls].ca_file"),
+        (bool(p.tls_cert_file) == bool(p.tls_key_file),
+         "[pacs].tls_cert_file and tls_key_file go together"),
+        (s.min_free_mb >= 0, "[storage].min_free_mb must be >= 0"),
+        (s.retention_days >= 0, "[storage].retention_days must be >= 0"),
+        (s.housekeeping_seconds > 0, "[storage].housekeeping_seconds must be > 0"),
+        (0 <= cfg.health.port <= 65535, "[health].port must be 0-65535"),
+    ]
 
 
 def config_from_dict(doc: dict[str, Any], base_dir: Path = Path(".")) -> Config:

@@ -44,15 +44,30 @@ def next_attempt(policy: ExportSection, attempts: int, outcome: SendOutcome, now
 
 
 def deliver(ctx: ExportContext, job: ClaimedExport) -> SendOutcome:
-    """One attempt for one claimed export, with its bookkeeping."""
+    """One attempt for one claimed export. Its bookkeeping is committed the moment PACS
+    answers, before the association is released: a crash during the release cannot make an
+    acknowledged SR go out again."""
+    recorded: list[SendOutcome] = []
+
+    def record(outcome: SendOutcome) -> None:
+        recorded.append(outcome)
+        _bookkeep(ctx, job, outcome)
+
     outcome = send_file(Path(job.sr_path), ctx.destination, ctx.calling_ae,
-                        ctx.policy.timeout_seconds)
+                        ctx.policy.timeout_seconds, on_answer=record)
+    if not recorded:  # no association, so no answer: record the failure now
+        record(outcome)
+    return outcome
+
+
+def _bookkeep(ctx: ExportContext, job: ClaimedExport, outcome: SendOutcome) -> None:
+    """Done, retry later, or dead letter; logged."""
     now = datetime.now(UTC)
     if outcome.acknowledged:
         export_succeeded(ctx.db, job.export_id, outcome.status or 0, now=now)
         log.info("SR %s of study %s acknowledged by %s (status 0x%04X)", job.sr_sop_uid,
                  job.study_uid, job.destination, outcome.status or 0)
-        return outcome
+        return
     retry_at = next_attempt(ctx.policy, job.attempts, outcome, now)
     export_failed(ctx.db, job.export_id, outcome.error, outcome.status, retry_at, now=now)
     if retry_at is None:
@@ -62,7 +77,6 @@ def deliver(ctx: ExportContext, job: ClaimedExport) -> SendOutcome:
         log.warning("SR %s of study %s not delivered (attempt %d): %s; retry at %s",
                     job.sr_sop_uid, job.study_uid, job.attempts, outcome.error,
                     retry_at.isoformat(timespec="seconds"))
-    return outcome
 
 
 def run_forever(ctx: ExportContext, worker_id: str, wake: threading.Event,

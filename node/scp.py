@@ -9,16 +9,26 @@ quarantined copy. Handlers never raise.
 from __future__ import annotations
 
 import logging
+import re
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 
+from highdicom.enum import SpecificCharacterSetValues
 from pydicom import Dataset, dcmread
-from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 from pynetdicom.events import Event
 from sqlalchemy import select
 
-from node.dicom_io import Rejection, check_dataset, decode_check, frame_views, patient_key
+from node.dicom_io import (
+    Rejection,
+    check_dataset,
+    decode_check,
+    frame_views,
+    is_valid_uid,
+    patient_key,
+)
 from storage.db import Database, Study
 from storage.filestore import FileStore
 from storage.queue import InstanceRecord, mark_complete, record_instance
@@ -29,6 +39,21 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 PATIENT_CONFLICT = 0xC001  # study UID already used for another patient
+BAD_PIXEL_MODULE = 0xC013  # as node.dicom_io's STATUS_BAD_PIXEL_MODULE
+MAX_RESCALE = 1e20  # 16-bit counts times this stay far below float32's 3.4e38
+DEFINED_CHARSETS = frozenset(v.value for v in SpecificCharacterSetValues)  # PS3.3 C.12.1.1.2
+# pydicom quotes element values in its messages ('DOE^JOHN' typed into a UID field, say)
+_QUOTED = re.compile(r"""b?'[^']*'?|b?"[^"]*"?""")
+# A-ASSOCIATE-RJ (result, source, diagnostic) that pynetdicom itself sends, in words
+_REJECT_REASONS: dict[tuple[object, object, object], str] = {
+    (0x02, 0x03, 0x02): "too many simultaneous associations ([node].max_associations)",
+    (0x01, 0x01, 0x03): "calling AE title not recognised",
+    (0x01, 0x01, 0x07): "called AE title not recognised",
+    (0x01, 0x02, 0x02): "protocol version not supported",
+}
+# presentation context results (PS3.8 9.3.3.2)
+_CONTEXT_REASONS = {0x01: "user rejection", 0x02: "no reason given",
+                    0x03: "SOP class not supported", 0x04: "transfer syntaxes not supported"}
 
 
 @dataclass(frozen=True)
@@ -51,14 +76,78 @@ def handle_echo(event: Event) -> int:
 
 def handle_store(event: Event, ctx: StoreContext) -> int:
     """C-STORE entry point: never raises, always a status."""
-    sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "?")
+    sop_uid = shown_uid(getattr(event.request, "AffectedSOPInstanceUID", ""))
     try:
         return _store(event, ctx)
     except Exception as exc:  # last line of defence: the association must get an answer
-        log.exception("C-STORE of SOP %s from AE %s failed unexpectedly: %s", sop_uid,
-                      _caller(event), type(exc).__name__)
+        log.error("C-STORE of SOP %s from AE %s failed unexpectedly: %s\n%s", sop_uid,
+                  _caller(event), redacted(exc), "".join(traceback.format_tb(exc.__traceback__)))
         _try_quarantine(event, ctx, f"unexpected error: {type(exc).__name__}: {exc}", sop_uid)
         return OUT_OF_RESOURCES
+
+
+def shown_uid(value: object) -> str:
+    """A UID from the network as it may appear in a log: invalid ones are not echoed (a
+    sender may put anything there, a patient's name included)."""
+    text = str(value or "")
+    return text if is_valid_uid(text) else f"(invalid UID, length {len(text)})"
+
+
+def redacted(exc: BaseException) -> str:
+    """An exception in one line with quoted values blanked, for logs and refusal reasons."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {_QUOTED.sub('<value>', lines[0] if lines else '')}"[:300]
+
+
+class RedactedTracebacks(logging.Filter):
+    """Exception messages may quote element values (a name typed into the character set
+    field, say): a logged traceback keeps its frames, its message loses quoted values."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record's exception text; never drops a record."""
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            record.exc_text = ("Traceback (most recent call last):\n"
+                               + "".join(traceback.format_tb(exc.__traceback__)) + redacted(exc))
+            record.exc_info = None
+        return True
+
+
+def _requestor(event: Event) -> tuple[str, str]:
+    try:
+        return str(event.assoc.requestor.ae_title).strip(), str(event.assoc.requestor.address)
+    except AttributeError:
+        return "?", "?"
+
+
+def handle_rejected(event: Event) -> None:
+    """Log associations pynetdicom itself refuses (mostly the association limit), with why.
+    Never raises."""
+    try:
+        caller, address = _requestor(event)
+        rj = getattr(event.assoc.acceptor, "primitive", None)
+        key = (getattr(rj, "result", None), getattr(rj, "result_source", None),
+               getattr(rj, "diagnostic", None))
+        reason = _REJECT_REASONS.get(key, f"result {key[0]}, source {key[1]}, reason {key[2]}")
+        log.warning("refused association from AE %s at %s: %s", caller, address, reason)
+    except Exception:  # logging must not disturb the association
+        log.exception("could not describe a refused association")
+
+
+def handle_accepted(event: Event) -> None:
+    """Log presentation contexts refused at negotiation: the sender cannot store those at
+    all, and without this line nobody on our side would know why. Never raises."""
+    try:
+        caller, address = _requestor(event)
+        for cx in getattr(event.assoc, "rejected_contexts", []):
+            abstract = str(cx.abstract_syntax or "")
+            name = UID(abstract).name if is_valid_uid(abstract) else shown_uid(abstract)
+            syntaxes = ", ".join(shown_uid(ts) for ts in cx.transfer_syntax) or "none"
+            log.warning("association from AE %s at %s: refused presentation context %s with "
+                        "transfer syntax(es) %s: %s", caller, address, name, syntaxes,
+                        _CONTEXT_REASONS.get(cx.result or 0, f"result {cx.result}"))
+    except Exception:  # logging must not disturb the association
+        log.exception("could not describe refused presentation contexts")
 
 
 def _caller(event: Event) -> str:
@@ -74,7 +163,9 @@ def _store(event: Event, ctx: StoreContext) -> int:
     sop_class = str(getattr(request, "AffectedSOPClassUID", ""))
     sop_uid = str(getattr(request, "AffectedSOPInstanceUID", ""))
     if ctx.min_free_bytes and ctx.files.free_bytes() < ctx.min_free_bytes:
-        log.error("refused SOP %s from AE %s: free disk below watermark", sop_uid, caller)
+        log.error("refused SOP %s from AE %s with status 0x%04X: free disk below the "
+                  "watermark ([storage].min_free_mb); nothing written", shown_uid(sop_uid),
+                  caller, OUT_OF_RESOURCES)
         return OUT_OF_RESOURCES
     raw = bytes(event.encoded_dataset(include_meta=True))
     ds, parse_error = _parse(raw)
@@ -92,19 +183,19 @@ def _parse(raw: bytes) -> tuple[Dataset | None, str]:
         ds = dcmread(BytesIO(raw), force=False)
         ds.ensure_file_meta()
         return ds, ""
-    except (InvalidDicomError, ValueError, KeyError, TypeError, EOFError, OSError) as exc:
-        return None, f"dataset cannot be parsed: {type(exc).__name__}: {exc}"
+    except Exception as exc:  # readers raise anything (zlib.error, struct.error, ...): refuse
+        return None, f"dataset cannot be parsed: {redacted(exc)}"
 
 
 def _admission(ds: Dataset, sop_class: str, sop_uid: str, ctx: StoreContext
                ) -> Rejection | None:
     """All checks that decide whether we keep the instance."""
-    rejection = check_dataset(ds, sop_class)
+    rejection = check_dataset(ds, sop_class) or _rescale_rejection(ds) or _charset_rejection(ds)
     if rejection is not None:
         return rejection
     if str(ds.SOPInstanceUID) != sop_uid:
         return Rejection(0xA900, f"SOP Instance UID in dataset {ds.SOPInstanceUID} differs from "
-                                 f"the C-STORE request's {sop_uid}")
+                                 f"the C-STORE request's {shown_uid(sop_uid)}")
     if ctx.decode_on_admission:
         rejection = decode_check(ds)
         if rejection is not None:
@@ -113,6 +204,31 @@ def _admission(ds: Dataset, sop_class: str, sop_uid: str, ctx: StoreContext
     if _patient_conflict(ctx.db, str(ds.StudyInstanceUID), key):
         return Rejection(PATIENT_CONFLICT, f"study {ds.StudyInstanceUID} already holds another "
                                            "patient's instances")
+    return None
+
+
+def _rescale_rejection(ds: Dataset) -> Rejection | None:
+    """A Rescale Slope or Intercept that would overflow float32 counts into inf/NaN (the
+    classifier would only fail later): refused at admission instead."""
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        try:
+            value = abs(float(ds.get(keyword) or 0))
+        except (TypeError, ValueError, OverflowError):
+            continue  # not a number at all: check_dataset already refuses those
+        if value > MAX_RESCALE:
+            return Rejection(BAD_PIXEL_MODULE, f"{keyword} is out of range (|value| > 1e20)")
+    return None
+
+
+def _charset_rejection(ds: Dataset) -> Rejection | None:
+    """Specific Character Set terms DICOM does not define: the text cannot be trusted and the
+    SR (which copies the term) could not be built. The value itself is never echoed."""
+    value = ds.get("SpecificCharacterSet")
+    terms = [value] if isinstance(value, str | bytes) else list(value or [])
+    unknown = [t for t in terms if str(t).strip() and str(t).strip() not in DEFINED_CHARSETS]
+    if unknown:
+        return Rejection(CANNOT_UNDERSTAND, f"Specific Character Set has {len(unknown)} term(s) "
+                                            "DICOM does not define (PS3.3 C.12.1.1.2)")
     return None
 
 
@@ -154,10 +270,11 @@ def _accept(ctx: StoreContext, ds: Dataset, raw: bytes, caller: str) -> int:
 def _refuse(ctx: StoreContext, raw: bytes, rejection: Rejection, sop_uid: str,
             caller: str) -> int:
     """Log why, keep a quarantined copy, answer the failure status."""
-    log.warning("refused SOP %s from AE %s with status 0x%04X: %s", sop_uid, caller,
+    log.warning("refused SOP %s from AE %s with status 0x%04X: %s", shown_uid(sop_uid), caller,
                 rejection.status, rejection.reason)
     try:
-        ctx.files.quarantine(raw, rejection.reason, sop_uid)
+        # the file name (logged) carries the UID only when it is one: never a name sent in its place
+        ctx.files.quarantine(raw, rejection.reason, sop_uid if is_valid_uid(sop_uid) else "invalid")
     except (OSError, ValueError):
         log.exception("could not quarantine SOP %s", sop_uid)
     return rejection.status

@@ -10,7 +10,9 @@ retrying: dead-letter at once so an admin sees them.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
@@ -29,6 +31,13 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+    tls_server_name: str = ""  # name the peer's certificate must carry; empty = host
+
+    @property
+    def tls_args(self) -> tuple[ssl.SSLContext, str] | None:
+        """What pynetdicom's associate() needs for DICOM over TLS (None: plain TCP)."""
+        return (self.tls, self.tls_server_name or self.host) if self.tls else None
 
 
 @dataclass(frozen=True)
@@ -55,9 +64,14 @@ def classify_status(status: int) -> SendOutcome:
     return SendOutcome(False, status, f"C-STORE {kind}: status 0x{status:04X}", perm)
 
 
-def send_file(path: Path, dest: Destination, calling_ae: str, timeout: float = 30.0
-              ) -> SendOutcome:
-    """One association, one C-STORE of a Part-10 file as stored (no re-encoding)."""
+def send_file(path: Path, dest: Destination, calling_ae: str, timeout: float = 30.0,
+              on_answer: Callable[[SendOutcome], None] | None = None) -> SendOutcome:
+    """One association, one C-STORE of a Part-10 file as stored (no re-encoding).
+
+    `on_answer` runs as soon as the C-STORE is answered (or not), before the association is
+    released: bookkeeping done there cannot be lost to a crash during the release, so an
+    acknowledged SR is not sent again after a restart.
+    """
     try:
         meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
         sop_class = str(meta.SOPClassUID)
@@ -67,20 +81,22 @@ def send_file(path: Path, dest: Destination, calling_ae: str, timeout: float = 3
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(sop_class, ts)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=dest.tls_args)
     if assoc.is_rejected:
         return _rejected(assoc.acceptor.primitive)
     if not assoc.is_established:
+        tls = ", or TLS handshake failed" if dest.tls else ""
         return SendOutcome(False, None, f"cannot associate with {dest.ae_title}@{dest.host}:"
-                           f"{dest.port} (connection refused, aborted or timed out)", False)
+                           f"{dest.port} (connection refused, aborted or timed out{tls})", False)
     try:
-        rsp = assoc.send_c_store(path)
+        status = getattr(assoc.send_c_store(path), "Status", None)
+        outcome = classify_status(int(status)) if status is not None else SendOutcome(
+            False, None, "no C-STORE response (timeout or abort)", False)
+        if on_answer is not None:
+            on_answer(outcome)
     finally:
         assoc.release()
-    status = getattr(rsp, "Status", None)
-    if status is None:
-        return SendOutcome(False, None, "no C-STORE response (timeout or abort)", False)
-    return classify_status(int(status))
+    return outcome
 
 
 def _rejected(primitive: object) -> SendOutcome:

@@ -7,6 +7,7 @@ import os
 import secrets
 import socket
 import threading
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -18,10 +19,18 @@ from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
 from model.classifier import Classifier
-from node import exporter, worker
+from model.export import ModelFileError
+from node import exporter, health, housekeeping, tls, worker
 from node.config import Config
 from node.dicom_io import NM_IMAGE_STORAGE, SC_IMAGE_STORAGE
-from node.scp import StoreContext, handle_echo, handle_store
+from node.scp import (
+    RedactedTracebacks,
+    StoreContext,
+    handle_accepted,
+    handle_echo,
+    handle_rejected,
+    handle_store,
+)
 from node.scu import Destination
 from node.sr import DeviceInfo
 from node.transfer_syntaxes import accepted_transfer_syntaxes
@@ -33,12 +42,33 @@ from storage.queue import (
     release_stale_exports,
     studies_due_quiet,
 )
+from storage.registry import ModelRecord, serving_model
 
 log = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
 SOFTWARE_VERSION = "0.1.0"
 STALE_CLAIM_SECONDS = 600.0
+# Loggers that quote element values (a name typed into a UID field, say) and the most they may
+# say: pynetdicom.utils reports "non-conformant" UIDs with their value at WARNING/ERROR, and
+# pynetdicom's DEBUG/INFO dumps print request fields. No PHI in logs, at any level.
+VALUE_QUOTING_LOGGERS = {"pydicom": logging.CRITICAL, "highdicom": logging.CRITICAL,
+                         "pynetdicom.utils": logging.CRITICAL, "pynetdicom": logging.WARNING}
+
+
+def keep_phi_out_of_logs() -> None:
+    """Cap the loggers above and ignore pydicom's and highdicom's warnings (idempotent); the
+    node's own refusal reasons say what was wrong without quoting values."""
+    for name, level in VALUE_QUOTING_LOGGERS.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(max(level, logger.level))
+    for name in ("pydicom", "highdicom"):
+        warnings.filterwarnings("ignore", module=rf"{name}(\..*)?")
+    ours = [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)
+            if n.split(".")[0] in ("node", "storage", "model")]
+    for logger in ours:  # tracebacks quote exception messages, and those may quote values
+        if not any(isinstance(f, RedactedTracebacks) for f in logger.filters):
+            logger.addFilter(RedactedTracebacks())
 
 
 def patient_secret(root: Path) -> bytes:
@@ -66,9 +96,13 @@ class Node:
     """Start with `start()`, stop with `stop()`; also a context manager."""
 
     cfg: Config
+    model_check_seconds: float = 5.0  # how often the registry's serving version is checked
     db: Database = field(init=False)
     files: FileStore = field(init=False)
     classifier: Classifier = field(init=False)
+    model_version: str | None = field(init=False, default=None)  # None: [model].path
+    _model_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    _failed_model: str | None = field(init=False, default=None)
     port: int = field(init=False, default=0)
     _server: ThreadedAssociationServer | None = field(init=False, default=None)
     _threads: list[threading.Thread] = field(init=False, default_factory=list)
@@ -76,13 +110,66 @@ class Node:
     _work: threading.Event = field(init=False, default_factory=threading.Event)
     _export: threading.Event = field(init=False, default_factory=threading.Event)
     _scheduler: BackgroundScheduler | None = field(init=False, default=None)
+    _health: health.HealthServer | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        """Open storage and load the model; a broken model stops start-up here."""
-        self.classifier = Classifier(self.cfg.model_path, threads=self.cfg.node.torch_threads)
+        """Open storage and load the model; a broken model (or TLS file) stops start-up here."""
+        tls.server_context(self.cfg)  # a missing or bad PEM file raises ConfigError here
+        tls.client_context(self.cfg)
         self.files = FileStore(self.cfg.storage_root)
         self.db = Database(self.cfg.database_url)
         self.db.create_all()
+        try:
+            self.classifier, self.model_version = self._initial_classifier()
+        except BaseException:
+            self.db.dispose()
+            raise
+
+    def _initial_classifier(self) -> tuple[Classifier, str | None]:
+        """The registry's serving version if there is one that loads, else [model].path."""
+        rec = serving_model(self.db)
+        if rec is not None:
+            try:
+                return self._load_registered(rec), rec.version
+            except ModelFileError as exc:
+                log.error("registry model %s does not load (%s): serving [model].path %s",
+                          rec.version, exc, self.cfg.model_path)
+        return Classifier(self.cfg.model_path, threads=self.cfg.node.torch_threads), None
+
+    def _load_registered(self, rec: ModelRecord) -> Classifier:
+        """Load and check fully (weights hash, dry run) before anything may use it."""
+        clf = Classifier(Path(rec.path), threads=self.cfg.node.torch_threads)
+        if clf.metadata.weights_sha256 != rec.weights_sha256:
+            raise ModelFileError(f"{rec.path}: weights differ from registry entry {rec.version}")
+        return clf
+
+    def current_classifier(self) -> Classifier:
+        """The model to use for the next study; a job keeps the one it started with."""
+        with self._model_lock:
+            return self.classifier
+
+    def refresh_model(self) -> bool:
+        """Follow a promotion or rollback without restart: load the new model completely,
+        then swap the reference under the lock. True when the served model changed."""
+        try:
+            rec = serving_model(self.db)
+        except Exception:  # the scheduler must keep running
+            log.exception("model registry check failed")
+            return False
+        if rec is None or rec.version in (self.model_version, self._failed_model):
+            return False
+        try:
+            new = self._load_registered(rec)
+        except ModelFileError as exc:
+            log.error("cannot serve model %s: %s; keeping %s", rec.version, exc,
+                      self.classifier.metadata.version)
+            self._failed_model = rec.version
+            return False
+        with self._model_lock:
+            old, self.classifier, self.model_version = self.classifier, new, rec.version
+        log.info("now serving model %s %s (was %s)", new.metadata.name, rec.version,
+                 old.metadata.version)
+        return True
 
     @property
     def worker_prefix(self) -> str:
@@ -99,11 +186,13 @@ class Node:
                         "export(s) re-queued", removed, jobs, exports)
 
     def start(self) -> Node:
-        """Recover, start workers, exporter, scheduler and the SCP (in that order)."""
+        """Recover, start workers, exporter, scheduler, the SCP and the health endpoint."""
+        keep_phi_out_of_logs()
         self.recover()
         self._start_threads()
         self._start_scheduler()
         self._start_scp()
+        self._start_health()
         log.info("node %s listening on %s:%d, model %s %s", self.cfg.node.ae_title,
                  self.cfg.node.bind_address, self.port, self.classifier.metadata.name,
                  self.classifier.metadata.version)
@@ -111,7 +200,7 @@ class Node:
 
     def _start_threads(self) -> None:
         wctx = worker.WorkerContext(
-            db=self.db, files=self.files, classifier=lambda: self.classifier,
+            db=self.db, files=self.files, classifier=self.current_classifier,
             device=device_info(self.cfg), destination=self.cfg.pacs_destination,
             on_result=self._export.set)
         for i in range(self.cfg.node.worker_threads):
@@ -119,8 +208,9 @@ class Node:
                                                f"{self.worker_prefix}:w{i}", self._work,
                                                self._stop))
         p = self.cfg.pacs
-        ectx = exporter.ExportContext(self.db, Destination(p.ae_title, p.host, p.port),
-                                      self.cfg.node.ae_title, self.cfg.export)
+        dest = Destination(p.ae_title, p.host, p.port, tls=tls.client_context(self.cfg),
+                           tls_server_name=tls.pacs_server_name(self.cfg))
+        ectx = exporter.ExportContext(self.db, dest, self.cfg.node.ae_title, self.cfg.export)
         self._spawn("exporter", partial(exporter.run_forever, ectx, f"{self.worker_prefix}:x0",
                                         self._export, self._stop))
 
@@ -133,6 +223,12 @@ class Node:
         sched = BackgroundScheduler(timezone="UTC")
         sched.add_job(self.sweep, "interval", seconds=self.cfg.completion.sweep_seconds,
                       id="completion-sweep", max_instances=1, coalesce=True)
+        sched.add_job(self.refresh_model, "interval", seconds=self.model_check_seconds,
+                      id="model-watch", max_instances=1, coalesce=True)
+        sched.add_job(partial(housekeeping.run_housekeeping, self.db, self.files,
+                              self.cfg.storage), "interval",
+                      seconds=self.cfg.storage.housekeeping_seconds, id="housekeeping",
+                      max_instances=1, coalesce=True)
         sched.start()
         self._scheduler = sched
 
@@ -166,13 +262,13 @@ class Node:
         ae.add_supported_context(VERIFICATION)
         ctx = StoreContext(files=self.files, db=self.db,
                            patient_secret=patient_secret(self.cfg.storage_root),
-                           on_complete=lambda _uid: self._work.set())
+                           on_complete=lambda _uid: self._work.set(),
+                           min_free_bytes=self.cfg.min_free_bytes)
         handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [ctx]),
-                    (evt.EVT_REQUESTED, self._on_requested)]
-        server = ae.start_server((self.cfg.node.bind_address, self.cfg.node.port), block=False,
-                                 evt_handlers=handlers)  # type: ignore[arg-type]
-        if server is None:
-            raise RuntimeError("SCP did not start")
+                    (evt.EVT_REQUESTED, self._on_requested),
+                    (evt.EVT_REJECTED, handle_rejected), (evt.EVT_ACCEPTED, handle_accepted)]
+        server = tls.start_scp(ae, (self.cfg.node.bind_address, self.cfg.node.port), handlers,
+                               tls.server_context(self.cfg), self.cfg.node.acse_timeout)
         self._server = server
         self.port = int(server.server_address[1])
 
@@ -186,12 +282,32 @@ class Node:
         address = str(event.assoc.requestor.address)
         if any(rule.allows(calling, address) for rule in rules):
             return
-        log.warning("refused association from AE %s at %s: not in [node].allowed_callers",
-                    calling, address)
+        why = ("AE title allowed only from another host" if any(r.ae_title == calling
+                                                                 for r in rules)
+               else "AE title not listed")
+        log.warning("refused association from AE %s at %s: not in [node].allowed_callers (%s)",
+                    calling, address, why)
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    def _start_health(self) -> None:
+        """The HTTP health endpoint, when [health].port is set."""
+        if self.cfg.health.port:
+            self._health = health.HealthServer(self.cfg.health.bind_address,
+                                               self.cfg.health.port, self.health).start()
+            log.info("health endpoint on http://%s:%d/health", self.cfg.health.bind_address,
+                     self._health.port)
+
+    def health(self) -> health.Report:
+        """Queue depth, dead letters, disk headroom and the model served (GET /health)."""
+        m = self.current_classifier().metadata
+        return health.health_report(self.db, self.cfg,
+                                    health.ModelSummary(m.name, m.version, m.weights_sha256))
 
     def stop(self) -> None:
         """Stop accepting, let threads finish their current item, close the database."""
+        if self._health is not None:
+            self._health.stop()
+            self._health = None
         if self._server is not None:
             self._server.shutdown()
             self._server = None

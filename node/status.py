@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from node.config import Config
+from node.health import health_report, summary_line
 from storage.db import Database
 from storage.queue import queue_depth, study_summaries
 
@@ -39,6 +40,18 @@ def status_table(cfg: Config, limit: int = 200) -> Table:
     return table
 
 
+def health_summary(cfg: Config) -> str:
+    """'health: ok|degraded', disk headroom and every problem (as GET /health says)."""
+    db = Database(cfg.database_url)
+    db.create_all()
+    try:
+        return summary_line(health_report(db, cfg, model=None, model_expected=False))
+    finally:
+        db.dispose()
+
+
 def print_status(cfg: Config) -> None:
-    """Print the table to the terminal."""
-    Console().print(status_table(cfg))
+    """Print the table and the health summary to the terminal."""
+    console = Console()
+    console.print(status_table(cfg))
+    console.print(health_summary(cfg), markup=False, highlight=False)

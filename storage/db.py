@@ -244,6 +244,22 @@ class Export(Base):
     acked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
 
 
+class Purge(Base):
+    """A delivered study whose files housekeeping deleted after the retention period.
+
+    The study, its results and exports stay (what was reported, and when); the instance rows
+    go with their files. A later purge of the same study (late instances) updates the row.
+    """
+
+    __tablename__ = "purges"
+
+    study_uid: Mapped[str] = mapped_column(String(UID), ForeignKey("studies.study_uid"),
+                                           primary_key=True)
+    purged_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    files: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     """Per-connection pragmas; the driver's own BEGIN handling is switched off."""
     dbapi_connection.isolation_level = None

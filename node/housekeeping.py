@@ -1,0 +1,179 @@
+"""Housekeeping: purge delivered studies after the retention period, old quarantined files and
+leftover temp files. The node's scheduler runs `run_housekeeping`; every function takes `now=`
+so the rules can be tested without waiting days.
+
+What may go: only a study that is classified, has at least one SR export and every export
+acknowledged by PACS, once the newest of its last instance and its last acknowledgement is older
+than `[storage].retention_days`. A study still receiving, classifying, failed, or with an export
+pending, sending or dead is never touched: undelivered data is never deleted.
+
+What goes: the study's instance files and SR files, and its instance rows. The study, results
+and exports stay (what was reported, when) and a `purges` row records the purge. A file is only
+unlinked when it is itself older than the cutoff, so an instance re-sent meanwhile (a fresh
+file, a fresh row) survives. Files go before rows: a crash in between leaves rows pointing at
+missing files and the next run finishes the job (unlinks are idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import delete, exists, func, select
+
+from node.config import StorageSection
+from storage.db import Database, Export, ExportState, Instance, Purge, Result, Study, StudyState
+from storage.filestore import FileStore
+
+log = logging.getLogger(__name__)
+
+TEMP_GRACE_SECONDS = 3600.0  # temp files younger than this may belong to a write in progress
+BATCH = 200  # studies per run: a long backlog is worked off over several runs
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    """What one housekeeping run removed."""
+
+    studies: int = 0
+    files: int = 0
+    size_bytes: int = 0
+    quarantined: int = 0
+    temp: int = 0
+
+
+def _now(now: datetime | None) -> datetime:
+    return datetime.now(UTC) if now is None else now
+
+
+def purgeable_studies(db: Database, cutoff: datetime, limit: int = BATCH) -> list[str]:
+    """Delivered studies last touched before `cutoff` whose files are still there."""
+    own = Export.study_uid == Study.study_uid
+    last_ack = select(func.max(Export.acked_at)).where(own).scalar_subquery()
+    purged_since = exists().where(Purge.study_uid == Study.study_uid,
+                                  Purge.purged_at >= Study.last_instance_at)
+    stmt = (select(Study.study_uid)
+            .where(Study.state == StudyState.CLASSIFIED.value,
+                   exists().where(own),
+                   ~exists().where(own, Export.state != ExportState.DONE.value),
+                   Study.last_instance_at < cutoff, last_ack < cutoff, ~purged_since)
+            .order_by(Study.last_instance_at, Study.study_uid).limit(limit))
+    with db.read_session() as s:
+        return list(s.execute(stmt).scalars())
+
+
+def _inside(root: Path, path: Path) -> bool:
+    """Never delete outside the store, whatever a row says."""
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _unlink_old(root: Path, path: Path, cutoff_ts: float) -> int:
+    """Delete one file if it is inside the store and older than the cutoff; its size."""
+    if not _inside(root, path):
+        log.error("housekeeping: refusing to delete %s outside the store", path)
+        return -1
+    try:
+        st = path.stat()
+        if st.st_mtime >= cutoff_ts:  # re-sent after the cutoff: keep it
+            return -1
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return st.st_size
+
+
+def _remove_empty_dirs(root: Path, start: Path) -> None:
+    """Drop directories the purge emptied, up to (not including) the store's top folders."""
+    d = start
+    while d != root and _inside(root, d) and d.parent != root:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (or gone): stop here
+            return
+        d = d.parent
+
+
+def purge_study(db: Database, files: FileStore, study_uid: str, cutoff: datetime,
+                now: datetime | None = None) -> tuple[int, int]:
+    """Delete one delivered study's files and instance rows; (files, bytes) removed."""
+    with db.read_session() as s:
+        instances = s.execute(select(Instance.sop_uid, Instance.path)
+                              .where(Instance.study_uid == study_uid,
+                                     Instance.received_at < cutoff)).all()
+        srs = list(s.execute(select(Result.sr_path).where(Result.study_uid == study_uid))
+                   .scalars())
+    cutoff_ts = cutoff.timestamp()
+    removed: list[str] = []
+    n_files = n_bytes = 0
+    for sop_uid, path in instances:
+        size = _unlink_old(files.root, Path(path), cutoff_ts)
+        if size >= 0:
+            removed.append(sop_uid)
+            n_files, n_bytes = n_files + (size > 0), n_bytes + size
+            _remove_empty_dirs(files.root, Path(path).parent)
+    for path in srs:
+        size = _unlink_old(files.root, Path(path), cutoff_ts)
+        if size > 0:
+            n_files, n_bytes = n_files + 1, n_bytes + size
+            _remove_empty_dirs(files.root, Path(path).parent)
+    _record_purge(db, study_uid, removed, cutoff, n_files, n_bytes, _now(now))
+    return n_files, n_bytes
+
+
+def _record_purge(db: Database, study_uid: str, sop_uids: list[str], cutoff: datetime,
+                  n_files: int, n_bytes: int, when: datetime) -> None:
+    """Instance rows of deleted files go; the purge is recorded (one transaction)."""
+    with db.session() as s, s.begin():
+        if sop_uids:
+            s.execute(delete(Instance).where(Instance.sop_uid.in_(sop_uids),
+                                             Instance.received_at < cutoff)
+                      .execution_options(synchronize_session=False))
+        row = s.get(Purge, study_uid)
+        if row is None:
+            s.add(Purge(study_uid=study_uid, purged_at=when, files=n_files, size_bytes=n_bytes))
+        else:
+            row.purged_at, row.files = when, row.files + n_files
+            row.size_bytes = row.size_bytes + n_bytes
+
+
+def purge_quarantine(files: FileStore, cutoff: datetime) -> int:
+    """Quarantined copies (and their reasons) older than the cutoff; how many files."""
+    cutoff_ts, n = cutoff.timestamp(), 0
+    for p in files.quarantine_dir.iterdir():
+        if p.is_file() and not p.is_symlink() and _unlink_old(files.root, p, cutoff_ts) >= 0:
+            n += 1
+    return n
+
+
+def housekeeping(db: Database, files: FileStore, storage: StorageSection,
+                 now: datetime | None = None) -> PurgeReport:
+    """One run: leftover temp files always; purges only when retention_days > 0."""
+    temp = files.sweep_temp(older_than_seconds=TEMP_GRACE_SECONDS)
+    if storage.retention_days <= 0:
+        return PurgeReport(temp=temp)
+    cutoff = _now(now) - timedelta(days=storage.retention_days)
+    studies = n_files = n_bytes = 0
+    for uid in purgeable_studies(db, cutoff):
+        f, b = purge_study(db, files, uid, cutoff, now=now)
+        studies, n_files, n_bytes = studies + 1, n_files + f, n_bytes + b
+    report = PurgeReport(studies, n_files, n_bytes, purge_quarantine(files, cutoff), temp)
+    if studies or report.quarantined:
+        log.info("housekeeping: purged %d delivered study(ies) older than %g day(s) (%d files, "
+                 "%.1f MiB) and %d quarantined file(s)", studies, storage.retention_days,
+                 n_files, n_bytes / 2**20, report.quarantined)
+    return report
+
+
+def run_housekeeping(db: Database, files: FileStore, storage: StorageSection) -> None:
+    """Scheduler entry point: never raises (the scheduler must keep running)."""
+    try:
+        housekeeping(db, files, storage)
+    except Exception:
+        log.exception("housekeeping failed")
+

@@ -1,0 +1,180 @@
+"""Hostile and broken input through real associations to a node in its own process: every input
+gets an answer (a specific failure status with its reason logged and a quarantined copy, or a
+sensible accept), the node keeps answering C-ECHO, its memory stays bounded and its log (at
+DEBUG) never quotes the patient. Inputs come from node/hostile.py: the fixed catalogue plus
+hypothesis-driven truncations, garbling, header mutations, VR swaps and wrong geometries."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom import Dataset
+
+from bench.common import free_port, rss_mib
+from bench.soak import NodeProc, echo_ok, expected_answer, node_sections, write_config
+from node import hostile
+from node.dicom_io import is_valid_uid
+from node.pacs_standin import PacsStandIn
+from node.scu import Destination
+from storage.db import Database, Instance
+
+CALLER = "HOSTILE_CAM"
+EXAMPLES = settings(max_examples=20, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+RSS_GROWTH_LIMIT_MIB = 300.0  # peak over the idle node: 2 decoded copies of the largest input
+
+
+@dataclass
+class Served:
+    """The node process and what the tests need to watch it."""
+
+    node: NodeProc
+    root: Path
+    base: Dataset
+    workdir: Path
+    baseline_rss_mib: float
+    tried: list[str] = field(default_factory=list)
+    log_offset: int = 0
+
+    @property
+    def dest(self) -> Destination:
+        return Destination("DSCINT", "127.0.0.1", self.node.port)
+
+    def new_log(self) -> str:
+        """Log text written since the last call."""
+        with self.node.log_path.open("rb") as fh:
+            fh.seek(self.log_offset)
+            data = fh.read()
+        self.log_offset += len(data)
+        return data.decode("utf-8", "replace")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, untrained_model: Path
+           ) -> Iterator[Served]:
+    """One node process for the module, logging at DEBUG, waiting for both views forever."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    pacs = PacsStandIn(ae_title="SOAK_PACS")
+    pacs.start()
+    port = free_port()
+    config = write_config(tmp / "config.toml", node_sections(
+        tmp / "node", untrained_model, port, pacs.port, logging={"level": "DEBUG"}))
+    node = NodeProc(config, port, tmp / "node.log")
+    node.start()
+    time.sleep(0.5)
+    assert node.proc is not None
+    s = Served(node, tmp / "node", hostile.base_dataset(7), tmp / "work",
+               rss_mib(node.proc.pid, "VmRSS"))
+    try:
+        with hostile.raw_sending():
+            yield s
+    finally:
+        node.stop()
+        pacs.stop()
+
+
+def _stored(s: Served, sop_uid: str) -> bool:
+    db = Database(f"sqlite:///{s.root / 'dscint.db'}")
+    try:
+        with db.read_session() as session:
+            return session.get(Instance, sop_uid) is not None
+    finally:
+        db.dispose()
+
+
+def _check(s: Served, case: hostile.HostileInput) -> int | None:
+    """Send one input and check the node's answer, log line and quarantine."""
+    status = hostile.send_input(case, s.dest, CALLER, s.workdir)
+    s.tried.append(case.name)
+    text = s.new_log()
+    assert s.node.alive(), f"{case.name}: node died"
+    if case.expect is hostile.Expect.NOT_NEGOTIATED:
+        assert status is None, f"{case.name}: 0x{status:04X}"
+        assert "refused presentation context" in text, case.name
+        return status
+    assert status is not None, f"{case.name}: no answer"
+    assert expected_answer(case.expect, status), f"{case.name}: 0x{status:04X}"
+    if status == 0:
+        assert _stored(s, case.sop_uid), case.name
+        return status
+    valid = is_valid_uid(case.sop_uid)
+    shown = case.sop_uid if valid else "(invalid UID"
+    assert f"refused SOP {shown}" in text and f"0x{status:04X}" in text, case.name
+    hint = case.sop_uid if valid else "invalid"
+    assert list((s.root / "quarantine").glob(f"*_{hint}_*.dcm")), f"{case.name}: no copy"
+    assert list((s.root / "quarantine").glob(f"*_{hint}_*.reason.txt")), case.name
+    assert not _stored(s, case.sop_uid), f"{case.name}: refused yet stored"
+    return status
+
+
+def test_catalogue(served: Served) -> None:
+    for case in hostile.corpus(served.base, seed=7):
+        _check(served, case)
+    assert echo_ok(served.node.port)
+
+
+@EXAMPLES
+@given(st.data())
+def test_truncated(served: Served, data: st.DataObject) -> None:
+    size = len(hostile.encode(served.base))
+    _check(served, hostile.truncated(served.base, 11, data.draw(st.integers(0, size - 1))))
+
+
+@EXAMPLES
+@given(st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1,
+                max_size=8))
+def test_garbled(served: Served, flips: list[tuple[int, int]]) -> None:
+    _check(served, hostile.garbled(served.base, 12, flips))
+
+
+@EXAMPLES
+@given(st.sampled_from(hostile.PIXEL_FIELDS),
+       st.one_of(st.integers(-(2**31), 2**32), st.sampled_from(hostile.MUTATION_VALUES),
+                 st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126),
+                         max_size=16)))
+def test_header_mutation(served: Served, keyword: str, value: int | str) -> None:
+    _check(served, hostile.header_mutation(served.base, 13, keyword, value))
+
+
+@EXAMPLES
+@given(st.sampled_from(hostile.SWAP_KEYWORDS), st.sampled_from(hostile.SWAP_VRS))
+def test_vr_swap(served: Served, keyword: str, vr: str) -> None:
+    _check(served, hostile.vr_swap(served.base, 14, keyword, vr))
+
+
+@EXAMPLES
+@given(st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 2**31 - 1))
+def test_wrong_or_absurd_dimensions(served: Served, rows: int, cols: int, frames: int) -> None:
+    _check(served, hostile.dimensions(served.base, 15, rows, cols, frames))
+
+
+@EXAMPLES
+@given(st.integers(0, 40_000))
+def test_wrong_pixel_length(served: Served, n_bytes: int) -> None:
+    _check(served, hostile.pixel_length(served.base, 16, n_bytes))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # our own sender, warned about its UIDs
+def test_zz_still_serving_memory_bounded_no_phi(served: Served) -> None:
+    """Runs last in this module: after every input above."""
+    patient = (str(served.base.PatientName), str(served.base.PatientID))
+    for case in hostile.phi_bearing(served.base, 17, *patient):
+        _check(served, case)
+    assert echo_ok(served.node.port)
+    assert served.node.proc is not None
+    peak = rss_mib(served.node.proc.pid, "VmHWM")
+    growth = peak - served.baseline_rss_mib
+    log_text = served.node.log_path.read_text(errors="replace")
+    print(f"\n{len(served.tried)} hostile inputs tried; node RSS {served.baseline_rss_mib:.0f} "
+          f"MiB idle, peak {peak:.0f} MiB (+{growth:.0f})")
+    assert growth < RSS_GROWTH_LIMIT_MIB
+    assert len(served.tried) >= 150
+    for value in patient:
+        assert value not in log_text, "patient data in the node's log"
+    assert "Traceback" not in log_text and "failed unexpectedly" not in log_text
