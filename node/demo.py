@@ -29,8 +29,8 @@ from node.tools import train_on_phantoms
 
 log = logging.getLogger(__name__)
 
-DEMO_TRAIN_PATIENTS = 240
-DEMO_TRAIN_EPOCHS = 4
+DEMO_TRAIN_PATIENTS = 700
+DEMO_TRAIN_EPOCHS = 8
 ABBREV = {"normal": "N", "bone_metastasis": "M", "arthritis": "A", "thyroid_carcinoma": "T"}
 DISCLAIMER = ("The model was trained on SIMULATED PHANTOMS, not on patients: its output is a "
               "demonstration, not a diagnosis.")
@@ -96,7 +96,7 @@ def _read_sr(ds: object) -> tuple[str, str]:
 def _table(sent: list[SentStudy]) -> Table:
     t = Table(title="dscint-node demo — model trained on simulated phantoms, not for diagnosis")
     for col in ("study", "layout", "true class", "predicted", "probabilities N/M/A/T",
-                "s to SR ack"):
+                "s to SR"):
         t.add_column(col, no_wrap=True)
     for s in sent:
         ok = "" if s.predicted == s.label else " ✗"
