@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,28 @@ def dcmtk_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
+def toml_value(value: object) -> str:
+    """One TOML value (str, bool, int, float, list of str)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def write_config(path: Path, sections: Mapping[str, Mapping[str, object]]) -> Path:
+    """A config.toml from {section: {key: value}}, values quoted as TOML needs."""
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
 @dataclass
 class NodeProcess:
     """`python -m node serve` with a config written for the benchmark."""
@@ -60,18 +84,19 @@ class NodeProcess:
     proc: subprocess.Popen[bytes]
 
     @classmethod
-    def start(cls, workdir: Path, model: Path, pacs_port: int, quiet_seconds: float = 120.0,
-              extra: str = "") -> NodeProcess:
+    def start(cls, workdir: Path, model: Path, pacs_port: int, quiet_seconds: float = 120.0
+              ) -> NodeProcess:
         """Write config.toml under workdir and start the node on a free port."""
         port = free_port()
-        cfg = workdir / "config.toml"
-        cfg.write_text(
-            f'[node]\nae_title = "DSCINT"\nport = {port}\n{extra}\n'
-            f'[pacs]\nae_title = "BENCH_PACS"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
-            f'[storage]\nroot = "{workdir / "node"}"\n[model]\npath = "{model}"\n'
-            f'[completion]\nquiet_seconds = {quiet_seconds}\nsweep_seconds = 0.2\n'
-            f'[export]\nbackoff_base_seconds = 0.5\nbackoff_cap_seconds = 2.0\n'
-            f'[logging]\nlevel = "WARNING"\n')
+        cfg = write_config(workdir / "config.toml", {
+            "node": {"ae_title": "DSCINT", "port": port},
+            "pacs": {"ae_title": "BENCH_PACS", "host": "127.0.0.1", "port": pacs_port},
+            "storage": {"root": str(workdir / "node")},
+            "model": {"path": str(model)},
+            "completion": {"quiet_seconds": quiet_seconds, "sweep_seconds": 0.2},
+            "export": {"backoff_base_seconds": 0.5, "backoff_cap_seconds": 2.0},
+            "logging": {"level": "WARNING"},
+        })
         proc = subprocess.Popen([sys.executable, "-m", "node", "serve", "--config", str(cfg)],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(port)

@@ -44,7 +44,7 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 from pynetdicom import AE
 
-from bench.common import free_port, rss_mib
+from bench.common import free_port, rss_mib, write_config
 from model.classes import CLASS_NAMES
 from model.phantom_dicom import DicomLayout, study_datasets
 from model.phantoms import generate_study
@@ -63,28 +63,6 @@ START_TIMEOUT = 120.0
 
 
 # --- the node in its own process -----------------------------------------------------------
-
-
-def toml_value(value: object) -> str:
-    """One TOML value (str, bool, int, float, list of str)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
-def write_config(path: Path, sections: Mapping[str, Mapping[str, object]]) -> Path:
-    """A config.toml from {section: {key: value}}."""
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
-        lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
 
 
 def node_sections(root: Path, model: Path, port: int, pacs_port: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from model.dscint import Dscint, DscintProbabilities
 from model.export import ModelMetadata, export_torchscript
+from node.pacs_standin import PacsStandIn
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata" / "wg04-nm1"
@@ -35,3 +37,12 @@ def realdata() -> Path:
     if not REALDATA.is_dir():
         pytest.skip(f"real GE scan folder {REALDATA} is absent")
     return REALDATA
+
+
+@pytest.fixture
+def pacs() -> Iterator[PacsStandIn]:
+    """A PACS stand-in on a port the OS picks, AE TEST_PACS, stopped after the test."""
+    p = PacsStandIn(ae_title="TEST_PACS")
+    p.start()
+    yield p
+    p.stop()

@@ -45,14 +45,6 @@ def node_config(root: Path, model: Path, pacs_port: int, **overrides: dict[str, 
 
 
 @pytest.fixture
-def pacs() -> Iterator[PacsStandIn]:
-    p = PacsStandIn(ae_title="TEST_PACS")
-    p.start()
-    yield p
-    p.stop()
-
-
-@pytest.fixture
 def node(tmp_path: Path, untrained_model: Path, pacs: PacsStandIn) -> Iterator[Node]:
     with Node(node_config(tmp_path / "node", untrained_model, pacs.port)) as n:
         yield n

@@ -22,8 +22,7 @@ import pytest
 from pydicom import dcmread
 from pynetdicom.events import Event
 
-from bench.common import free_port
-from bench.soak import write_config
+from bench.common import free_port, write_config
 from model.classes import CLASS_NAMES
 from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -189,14 +188,6 @@ def test_promotion_rule() -> None:
 
 
 # --- end to end: retrain -> promote -> running node -> rollback --------------------------
-
-
-@pytest.fixture
-def pacs() -> Iterator[PacsStandIn]:
-    p = PacsStandIn(ae_title="TEST_PACS")
-    p.start()
-    yield p
-    p.stop()
 
 
 def _config_file(tmp_path: Path, model: Path, pacs_port: int) -> Path:
