@@ -14,6 +14,7 @@ from pydicom import Dataset, dcmread
 
 from model.classifier import Classifier, StudyPrediction
 from node.dicom_io import extract_views
+from node.scp import redacted
 from node.sr import Classification, DeviceInfo, ModelInfo, SourceFrame, build_sr, encode_sr
 from storage.db import Database
 from storage.filestore import FileStore
@@ -108,7 +109,8 @@ def run_once(ctx: WorkerContext, worker_id: str) -> bool:
         classify(ctx, job)
     except Exception as exc:  # a bad study must not stop the worker
         log.exception("classification of study %s failed", job.study_uid)
-        finish_job(ctx.db, job.job_id, ok=False, error=f"{type(exc).__name__}: {exc}")
+        # the message may quote element values (a name in a date field): stored redacted
+        finish_job(ctx.db, job.job_id, ok=False, error=redacted(exc))
         return True
     finish_job(ctx.db, job.job_id, ok=True)
     ctx.on_result()

@@ -116,14 +116,6 @@ def _tls_cfg(tmp: Path, model: Path, pacs_port: int, pki: Pki, **tls: object) ->
                        node={"acse_timeout": 2.0})
 
 
-@pytest.fixture
-def pacs() -> Iterator[PacsStandIn]:
-    p = PacsStandIn(ae_title="TEST_PACS")
-    p.start()
-    yield p
-    p.stop()
-
-
 def _messages(caplog: pytest.LogCaptureFixture) -> str:
     return "\n".join(r.getMessage() for r in caplog.records)
 
@@ -357,16 +349,25 @@ class _Everything(logging.Handler):
 
 @contextlib.contextmanager
 def every_record() -> Iterator[_Everything]:
-    """All log records at DEBUG, from every logger, while the block runs."""
+    """All log records at DEBUG, from every logger, while the block runs.
+
+    Levels left on named loggers by earlier tests (the CLI quiets pynetdicom and pydicom) are
+    reset first, so what is silenced inside the block is what the node itself silences."""
     handler, root = _Everything(), logging.getLogger()
-    before = root.level
+    named = [lg for lg in logging.root.manager.loggerDict.values()
+             if isinstance(lg, logging.Logger)]
+    before = root.level, {lg: lg.level for lg in named}
+    for lg in named:
+        lg.setLevel(logging.NOTSET)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
     try:
         yield handler
     finally:
         root.removeHandler(handler)
-        root.setLevel(before)
+        root.setLevel(before[0])
+        for lg, level in before[1].items():
+            lg.setLevel(level)
 
 
 def test_no_patient_name_or_id_in_any_log_line(tmp_path: Path, untrained_model: Path,
