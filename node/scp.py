@@ -200,8 +200,13 @@ def _admission(ds: Dataset, sop_class: str, sop_uid: str, ctx: StoreContext
         rejection = decode_check(ds)
         if rejection is not None:
             return rejection
-    key = patient_key(ds, ctx.patient_secret)
-    if _patient_conflict(ctx.db, str(ds.StudyInstanceUID), key):
+    return None
+
+
+def _conflict_rejection(ctx: StoreContext, ds: Dataset) -> Rejection | None:
+    """A study UID reused for another patient, checked before a re-sent SOP's file would be
+    replaced (a new SOP costs no extra read: record_instance refuses it under lock)."""
+    if _patient_conflict(ctx.db, str(ds.StudyInstanceUID), patient_key(ds, ctx.patient_secret)):
         return Rejection(PATIENT_CONFLICT, f"study {ds.StudyInstanceUID} already holds another "
                                            "patient's instances")
     return None
@@ -246,6 +251,9 @@ def _accept(ctx: StoreContext, ds: Dataset, raw: bytes, caller: str) -> int:
         str(ds.SOPInstanceUID)
     views = tuple(v.value for v in frame_views(ds))
     existed = ctx.files.instance_path(study, series, sop).exists()
+    rejection = _conflict_rejection(ctx, ds) if existed else None
+    if rejection is not None:
+        return _refuse(ctx, raw, rejection, sop, caller)
     path = ctx.files.write_instance(study, series, sop, raw)
     outcome = record_instance(ctx.db, InstanceRecord(
         sop_uid=sop, study_uid=study, series_uid=series, sop_class_uid=str(ds.SOPClassUID),

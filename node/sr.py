@@ -57,9 +57,10 @@ from highdicom.sr import (
     TextContentItem,
     TrackingIdentifier,
 )
-from pydicom import Dataset
+from pydicom import DataElement, Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import DA, DT, TM
 
 from model.classes import CLASS_NAMES, DscintClass
 
@@ -84,6 +85,8 @@ _REQUIRED_STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "Pat
 # What the SR copies from the first source: patient and study identity, nothing else.
 _COPIED_KEYWORDS = ("SpecificCharacterSet", *_REQUIRED_STUDY_KEYWORDS, "IssuerOfPatientID",
                     "StudyDescription")
+_PATIENT_SEX_TERMS = frozenset({"M", "F", "O"})  # PS3.3 C.7.1.1 Patient's Sex
+_DATE_TIME_TYPES: dict[str, type[DA] | type[TM] | type[DT]] = {"DA": DA, "TM": TM, "DT": DT}
 
 
 @dataclass(frozen=True)
@@ -321,13 +324,35 @@ def _evidence(source: Sequence[Dataset]) -> list[Dataset]:
     evidence = [_identifiers(ds) for ds in source]
     first = evidence[0]
     for keyword in _COPIED_KEYWORDS:
-        if keyword in source[0]:
+        if keyword in source[0] and _valid_value(source[0][keyword]):
             first[keyword] = copy.deepcopy(source[0][keyword])
+        elif keyword in source[0]:
+            log.warning("study %s: the source's %s is not a valid %s value; left empty in the "
+                        "SR", first.StudyInstanceUID, keyword, source[0][keyword].VR)
+            setattr(first, keyword, None)
         elif keyword in _REQUIRED_STUDY_KEYWORDS:
             setattr(first, keyword, None)
     # highdicom warns with the patient's name when it looks odd; never let PHI reach a log.
     first.PatientName = ""
     return evidence
+
+
+def _valid_value(elem: DataElement) -> bool:
+    """Whether a copied type-2 value can go into the SR as it is. A camera's invalid Patient's
+    Sex or date must not cost the study its result: such a value is left empty instead."""
+    value = elem.value
+    if value in (None, "", b""):
+        return True
+    if elem.keyword == "PatientSex":
+        return str(value).strip().upper() in _PATIENT_SEX_TERMS
+    parse = _DATE_TIME_TYPES.get(str(elem.VR))
+    if parse is None:
+        return True
+    try:
+        parse(str(value).strip())
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return True
 
 
 def _identifiers(ds: Dataset) -> Dataset:

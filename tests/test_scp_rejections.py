@@ -142,6 +142,24 @@ def test_study_uid_reused_for_another_patient(tmp_path: Path,
     assert len(list((node.cfg.storage_root / "studies").rglob("*.dcm"))) == 1
 
 
+def test_resent_sop_uid_for_another_patient_keeps_the_stored_file(
+        tmp_path: Path, served: tuple[Node, PacsStandIn]) -> None:
+    """A re-send would replace the stored file: the patient check must come before the write."""
+    node, _ = served
+    dest = Destination("DSCINT", "127.0.0.1", node.port)
+    first = _base()
+    assert send_paths([_save(first, tmp_path / "a.dcm")], dest, CALLER) == [0]
+    stored, = (node.cfg.storage_root / "studies").rglob("*.dcm")
+    before = stored.read_bytes()
+    other = study_datasets(generate_study("arthritis", seed=998), DicomLayout.PER_VIEW)[1]
+    other.StudyInstanceUID, other.SeriesInstanceUID = first.StudyInstanceUID, \
+        first.SeriesInstanceUID
+    other.SOPInstanceUID = first.SOPInstanceUID
+    other.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    assert send_paths([_save(other, tmp_path / "b.dcm")], dest, CALLER) == [0xC001]
+    assert stored.read_bytes() == before
+
+
 def test_ct_sop_class_is_not_negotiated(tmp_path: Path, served: tuple[Node, PacsStandIn]) -> None:
     node, _ = served
     ds = _base()

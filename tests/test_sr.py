@@ -330,6 +330,32 @@ def test_sparse_source_header_still_builds() -> None:
     assert back.AccessionNumber == "" and back.StudyID == "" and "StudyDescription" not in back
 
 
+@pytest.mark.parametrize(("keyword", "bad"), [
+    ("PatientSex", "Q"), ("PatientSex", "DOE^JOHN"), ("PatientBirthDate", "DOE^JOHN"),
+    ("PatientBirthDate", "20211345"), ("StudyDate", "2021-13-45"), ("StudyTime", "ab:cd")])
+def test_invalid_copied_value_is_left_empty_and_the_sr_still_builds(
+        keyword: str, bad: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A camera's invalid type-2 value must not cost the study its result."""
+    src = nm_multiframe()
+    setattr(src, keyword, bad)
+    with caplog.at_level(logging.WARNING, logger="node.sr"):
+        back = roundtrip(build_sr([src], nm_frames(src), result(), model(), DEVICE, now=NOW))
+    assert back[keyword].value in ("", None)
+    assert back.PatientID == src.PatientID and str(back.PatientName) == str(src.PatientName)
+    assert any(keyword in r.getMessage() and "left empty" in r.getMessage()
+               for r in caplog.records)
+    ours = " ".join(r.getMessage() for r in caplog.records if r.name == "node.sr")
+    assert bad not in ours  # the value itself is never logged (pydicom's own setattr warns)
+
+
+def test_valid_copied_values_are_kept() -> None:
+    src = nm_multiframe()
+    src.PatientSex, src.PatientBirthDate, src.StudyTime = "O", "19580214", "101500.25"
+    back = roundtrip(build_sr([src], nm_frames(src), result(), model(), DEVICE, now=NOW))
+    assert (back.PatientSex, back.PatientBirthDate, back.StudyTime) == \
+        ("O", "19580214", "101500.25")
+
+
 def test_no_phi_in_logs_or_warnings(caplog: pytest.LogCaptureFixture) -> None:
     src = nm_multiframe()
     src.PatientName = "Singlename"  # no caret: highdicom would warn quoting the name
