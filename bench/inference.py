@@ -1,7 +1,14 @@
-"""Inference benchmark: Dscint eager vs TorchScript at batch 1 and 8, against the compute floor.
+"""Inference benchmark: Dscint eager, plain TorchScript and the module the node serves
+(`model.classifier.Classifier`: frozen, oneDNN), at batch 1 and 8, against the compute floor.
 
 The floor is FLOPs per image divided by a matmul rate measured in the same run on the same
-machine (these machines vary 1.6x within an hour, so only same-run ratios mean anything).
+machine (these machines vary 1.6x within an hour, so only same-run ratios mean anything); the
+variants are timed in blocks taken in turn, so a noisy neighbour slows them all alike. FC1 (the
+19032 x 1024 linear layer, 94.8% of the weights) is also timed alone: at batch 8 it streams
+78 MB of weights per call and is a large share of the total.
+On a busy machine wall-clock times with 2 threads swing 10x (a descheduled OpenMP thread
+stalls the other at every barrier): `--threads 1 --clock cpu` times the process's CPU seconds
+instead, floor included, which a neighbour barely moves.
 Prints a table and writes JSON: `python -m bench.inference [--json out.json]`.
 """
 
@@ -9,24 +16,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from model.classifier import Classifier
 from model.dscint import Dscint, DscintProbabilities
 from model.export import ModelMetadata, export_torchscript, load_torchscript
 
+BATCHES = (1, 8)
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
-def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
+
+def matmul_gflops(n: int = 1024, repeats: int = 20,
+                  clock: Callable[[], float] = time.perf_counter) -> float:
     """Best sustained float32 GEMM rate (GFLOP/s) over a few runs."""
     a, b = torch.rand(n, n), torch.rand(n, n)
     best = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock()
         a @ b
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return 2 * n**3 / best / 1e9
 
 
@@ -53,20 +67,46 @@ def dscint_flops() -> float:
     return 2.0 * macs
 
 
-def time_per_image(fn: torch.nn.Module, batch: int, seconds: float = 3.0) -> float:
-    """Median ms per image over repeated calls after warm-up."""
-    x = torch.rand(batch, 1, 1024, 256)
+def fc1_only(net: Dscint) -> Callable[[torch.Tensor], torch.Tensor]:
+    """FC1 by itself, fed a flattened feature map of the right width for any batch."""
+    fc1 = net.classifier[1]
+    assert isinstance(fc1, torch.nn.Linear)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return fc1(x.reshape(x.shape[0], -1)[:, :fc1.in_features])
+
+    return run
+
+
+def time_interleaved(variants: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+                     seconds: float, clock: Callable[[], float] = time.perf_counter,
+                     rounds: int = 6) -> dict[tuple[str, int], float]:
+    """Median ms per image of each (variant, batch), timed in blocks taken round-robin.
+
+    Within a block calls follow each other, so the weights stay in cache as they did when each
+    variant ran alone for `seconds` (the earlier figures); its first call is not timed. Taking
+    the blocks in turn spreads a neighbour's burst over all variants instead of one.
+    """
+    inputs = {b: torch.rand(b, 1, 1024, 256) for b in BATCHES}
+    times: dict[tuple[str, int], list[float]] = {(v, b): [] for v in variants for b in BATCHES}
+    block = seconds / rounds
     with torch.inference_mode():
-        for _ in range(3):
-            fn(x)
-        times: list[float] = []
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end or len(times) < 5:
-            t = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2] / batch * 1000
+        for fn in variants.values():
+            for x in inputs.values():
+                for _ in range(3):
+                    fn(x)
+        for _ in range(rounds):
+            for (name, batch), samples in times.items():
+                fn, x = variants[name], inputs[batch]
+                fn(x)
+                end = time.perf_counter() + block
+                n = 0
+                while time.perf_counter() < end or n < 2:
+                    t = clock()
+                    fn(x)
+                    samples.append((clock() - t) / batch * 1000)
+                    n += 1
+    return {key: statistics.median(samples) for key, samples in times.items()}
 
 
 def main() -> None:
@@ -74,32 +114,51 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=3.0, help="per variant and batch")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="cpu: process CPU time, for a busy machine (with --threads 1)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    eager = DscintProbabilities(Dscint()).eval()
+    net = Dscint()
+    eager = DscintProbabilities(net).eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = export_torchscript(eager, Path(tmp) / "m.pt", ModelMetadata(
             version="bench", weights_sha256="", training_data="random", trained_on_phantoms=True))
         scripted, _ = load_torchscript(path)
-    rate = matmul_gflops()
+        served = Classifier(path, threads=args.threads)
+    variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "eager": eager, "torchscript": scripted, "served": served.module,
+        "fc1 only": fc1_only(net)}
+    clock = CLOCKS[args.clock]
+    rate = matmul_gflops(clock=clock)
     flops = dscint_flops()
     floor_ms = flops / (rate * 1e9) * 1000
-    rows = []
-    for name, fn in (("eager", eager), ("torchscript", scripted)):
-        for batch in (1, 8):
-            ms = time_per_image(fn, batch)
-            rows.append({"model": name, "batch": batch, "ms_per_image": round(ms, 2),
-                         "floor_fraction": round(floor_ms / ms, 3)})
+    ms = time_interleaved(variants, args.seconds, clock)
+    models = ("eager", "torchscript", "served")
+    rows = [{"model": name, "batch": batch, "ms_per_image": round(ms[(name, batch)], 2),
+             "floor_fraction": round(floor_ms / ms[(name, batch)], 3),
+             "speedup_vs_torchscript": round(ms[("torchscript", batch)] / ms[(name, batch)], 2)}
+            for name in models for batch in BATCHES]
+    fc1 = {batch: {"ms_per_image": round(ms[("fc1 only", batch)], 2),
+                   "share_of_served": round(ms[("fc1 only", batch)] / ms[("served", batch)], 3)}
+           for batch in BATCHES}
     print(f"matmul {rate:.0f} GFLOP/s; Dscint {flops / 1e9:.3f} GFLOP/image; "
-          f"floor {floor_ms:.2f} ms/image; threads {args.threads}")
-    print(f"{'model':<12}{'batch':>6}{'ms/image':>10}{'of floor':>10}")
+          f"floor {floor_ms:.2f} ms/image; threads {args.threads}; {args.clock} clock")
+    print(f"served = {served.serving} (max |prob diff| {served.check_diff:.1e} vs torchscript "
+          f"on the load-time check)")
+    print(f"{'model':<12}{'batch':>6}{'ms/image':>10}{'of floor':>10}{'speed-up':>10}")
     for r in rows:
         print(f"{r['model']:<12}{r['batch']:>6}{r['ms_per_image']:>10}"
-              f"{r['floor_fraction']:>10.0%}")
+              f"{r['floor_fraction']:>10.0%}{r['speedup_vs_torchscript']:>9}x")
+    for batch, f in fc1.items():
+        print(f"FC1 alone at batch {batch}: {f['ms_per_image']} ms/image, "
+              f"{f['share_of_served']:.0%} of served")
     if args.json:
-        args.json.write_text(json.dumps({"matmul_gflops": rate, "gflop_per_image": flops / 1e9,
-                                         "rows": rows}, indent=2))
-
+        args.json.write_text(json.dumps({
+            "matmul_gflops": rate, "gflop_per_image": flops / 1e9, "floor_ms": floor_ms,
+            "threads": args.threads, "clock": args.clock, "served": served.serving,
+            "served_max_prob_diff": served.check_diff, "rows": rows,
+            "fc1_only": {str(b): f for b, f in fc1.items()}}, indent=2))
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -10,9 +13,17 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from torch import Tensor, nn
 
 from model.classes import CLASS_NAMES
-from model.classifier import Classifier, plan_views
+from model.classifier import (
+    OPTIMIZED,
+    SERVING_TOLERANCE,
+    TORCHSCRIPT,
+    Classifier,
+    check_batch,
+    plan_views,
+)
 from model.dscint import Dscint, DscintProbabilities
 from model.export import (
     METADATA_FILE,
@@ -22,7 +33,10 @@ from model.export import (
     load_torchscript,
     weights_sha256,
 )
+from model.phantoms import generate_study
 from model.preprocess import preprocess_batch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_export_load_gives_same_outputs_as_eager(tmp_path: Path) -> None:
@@ -116,3 +130,158 @@ def test_classifier_on_real_ge_scan(untrained_model: Path, realdata: Path) -> No
     assert sum(pred.probabilities.values()) == pytest.approx(1.0)
     batch = preprocess_batch([ds.pixel_array])
     assert batch.shape == (1, 1, 1024, 256) and float(batch.min()) >= 0.0
+
+
+# weights_sha256 of _OddTensors as computed by the first released version (a `.tobytes()` copy
+# per tensor): model files already in registries must keep verifying.
+ODD_TENSORS_SHA256 = "e13f94d7a4d186fea9ef09a3bab93e7ceec20f70b10d4cc5999eeaf50d58738f"
+
+
+class _OddTensors(nn.Module):
+    """Every kind of tensor a state dict may hold: bf16, bool, 0-d, empty, channels-last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter((torch.arange(15.0).reshape(3, 5) / 7).bfloat16())
+        self.register_buffer("flags", torch.tensor([True, False, True]))
+        self.register_buffer("count", torch.tensor(7))
+        self.register_buffer("empty", torch.zeros(0, 4))
+        self.register_buffer("nhwc", (torch.arange(120.0).reshape(2, 3, 4, 5) / 11).to(
+            memory_format=torch.channels_last))
+
+
+def test_weights_sha256_is_unchanged_and_copies_nothing(untrained_model: Path) -> None:
+    """Model files already in registries must still verify, and hashing the 78 MB FC1 must not
+    allocate a 78 MB bytes copy (it put the node over its memory budget at load)."""
+    module, meta = load_torchscript(untrained_model)
+    odd = _OddTensors()
+    assert weights_sha256(odd) == ODD_TENSORS_SHA256
+    tracemalloc.start()
+    try:
+        digest = weights_sha256(module)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert digest == meta.weights_sha256
+    assert peak < 1 << 20, f"hashing allocated {peak / 2**20:.1f} MiB"
+
+
+@pytest.fixture(scope="module")
+def bn_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Dscint whose BatchNorms are far from identity, so folding them into the convolutions
+    changes the arithmetic and the comparison below means something."""
+    torch.manual_seed(3)
+    net = Dscint()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.2, 3.0)
+            m.weight.data.uniform_(0.5, 2.0)
+            m.bias.data.uniform_(-0.3, 0.3)
+    meta = ModelMetadata(version="bn-1", weights_sha256="", training_data="unit test",
+                         trained_on_phantoms=True)
+    return export_torchscript(DscintProbabilities(net), tmp_path_factory.mktemp("bn") / "m.pt",
+                              meta)
+
+
+def test_classifier_serves_an_optimised_module_with_the_same_answers(bn_model: Path) -> None:
+    fast = Classifier(bn_model)
+    plain = Classifier(bn_model, optimize=False)
+    assert (fast.serving, plain.serving) == (OPTIMIZED, TORCHSCRIPT)
+    assert 0.0 <= fast.check_diff <= SERVING_TOLERANCE
+    assert fast.module is not plain.module
+    assert list(fast.module.parameters()) == []  # frozen: weights are graph constants
+    kinds = {n.kind() for n in fast.module.graph.nodes()}
+    assert "aten::batch_norm" not in kinds  # folded into the convolutions
+    study = generate_study("bone_metastasis", seed=5)
+    views = [study.anterior, study.posterior, study.anterior[:, ::-1]]
+    for n in (1, 2, 3):
+        got, want = fast.predict_images(views[:n]), plain.predict_images(views[:n])
+        assert got.shape == (n, len(CLASS_NAMES))
+        np.testing.assert_allclose(got, want, rtol=0, atol=SERVING_TOLERANCE)
+    assert fast.classify_study([("anterior", study.anterior)]).predicted_class == \
+        plain.classify_study([("anterior", study.anterior)]).predicted_class
+
+
+def _constant_bytes(module: torch.jit.ScriptModule) -> int:
+    """Bytes of the dense tensors a frozen module holds as graph constants (each storage once)."""
+    seen: dict[int, int] = {}
+    for node in module.graph.nodes():
+        if node.kind() == "prim::Constant" and node.output().type().kind() == "TensorType":
+            t = node.t("value")
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def test_served_module_holds_the_weights_once(untrained_model: Path) -> None:
+    """torch.jit.optimize_for_inference keeps FC1 twice (its transposed copy plus the original,
+    left as a dead constant): 78 MB more. The served module must not."""
+    verified, _ = load_torchscript(untrained_model)
+    weights = sum(t.numel() * t.element_size() for t in verified.state_dict().values())
+    served = Classifier(untrained_model)
+    assert served.serving == OPTIMIZED
+    assert 0.9 * weights < _constant_bytes(served.module) <= 1.01 * weights
+
+
+class _Drifting(nn.Module):
+    """Answers change with every call: no load-time check can vouch for an optimised copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(1, len(CLASS_NAMES))
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return torch.softmax(self.head(x.mean(dim=(1, 2, 3))[:, None]) * self.calls, dim=1)
+
+
+def test_classifier_serves_the_verified_module_when_the_check_fails(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    meta = ModelMetadata(version="drift-1", weights_sha256="", training_data="unit test",
+                         trained_on_phantoms=True)
+    path = export_torchscript(_Drifting(), tmp_path / "drift.pt", meta)
+    with caplog.at_level("WARNING", logger="model.classifier"):
+        clf = Classifier(path)
+    assert clf.serving == TORCHSCRIPT
+    assert clf.check_diff > SERVING_TOLERANCE
+    assert "serving the verified TorchScript module unoptimised" in caplog.text
+    verified, _ = load_torchscript(path)
+    assert clf.module.code == verified.code  # the loaded module itself, not a frozen copy
+    probs = clf.predict_images([np.ones((1024, 256), np.uint16)])
+    assert probs.shape == (1, len(CLASS_NAMES)) and abs(probs.sum() - 1.0) < 1e-6
+
+
+def test_check_batch_is_deterministic_and_in_range(untrained_model: Path) -> None:
+    _, meta = load_torchscript(untrained_model)
+    x = check_batch(meta)
+    assert x.shape == (2, *meta.input_shape)
+    assert torch.equal(x, check_batch(meta))
+    assert float(x.min()) >= 0.0 and float(x.max()) <= meta.preprocessing.clip_max
+    assert float(x[0].std()) > 0.5 and float(x[1].std()) > 0.5  # neither view is flat
+
+
+_LOAD_PEAK = """
+import sys
+from pathlib import Path
+import numpy, torch
+def mib(key):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+before = mib("VmRSS")
+from model.classifier import Classifier
+Classifier(Path(sys.argv[1]), threads=2)
+print(mib("VmHWM") - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_loading_peaks_at_the_weights_plus_a_little(untrained_model: Path) -> None:
+    """In a fresh process: the load peak above `import torch` was 158 MiB for 78.5 MiB of
+    weights (a bytes copy of every tensor while hashing); now about 122."""
+    weights_mib = untrained_model.stat().st_size / 2**20
+    out = subprocess.run([sys.executable, "-c", _LOAD_PEAK, str(untrained_model)], cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    peak_above_import = float(out.stdout.strip().splitlines()[-1])
+    assert peak_above_import < weights_mib + 60, f"load peaked {peak_above_import:.0f} MiB"
