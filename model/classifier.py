@@ -167,15 +167,28 @@ def prepare_for_serving(module: torch.jit.ScriptModule, meta: ModelMetadata,
     return fast, OPTIMIZED, diff
 
 
+M_ARENA_MAX = -8  # glibc mallopt parameter (malloc.h)
+
+
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim from the running process, or None where libc has none (musl, macOS)."""
+def _libc_function(name: str) -> Callable[..., int] | None:
+    """A glibc allocator function from the running process, or None where libc has none
+    (musl, macOS)."""
     try:
-        trim = ctypes.CDLL(None).malloc_trim
+        fn = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError, TypeError):
         return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return cast(Callable[[int], int], trim)
+    fn.restype = ctypes.c_int
+    return cast(Callable[..., int], fn)
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's per-thread malloc arenas (default 8 per core): each association, worker
+    and exporter thread otherwise keeps its own arena of freed memory, which measured ~30 MiB
+    of the node's resident size under load. Call before the threads start; False where
+    unsupported."""
+    mallopt = _libc_function("mallopt")
+    return mallopt is not None and bool(mallopt(M_ARENA_MAX, arenas))
 
 
 def trim_memory(collect: bool = True) -> bool:
@@ -188,7 +201,7 @@ def trim_memory(collect: bool = True) -> bool:
     """
     if collect:
         gc.collect()
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     if trim is None:
         return False
     trim(0)

@@ -18,11 +18,11 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from model.classifier import Classifier
+from model.classifier import Classifier, limit_malloc_arenas, trim_memory
 from model.export import ModelFileError
 from node import exporter, health, housekeeping, tls, worker
 from node.config import Config
-from node.dicom_io import NM_IMAGE_STORAGE, SC_IMAGE_STORAGE
+from node.dicom_io import ACCEPTED_SOP_CLASSES, NM_IMAGE_STORAGE, SC_IMAGE_STORAGE
 from node.scp import (
     RedactedTracebacks,
     StoreContext,
@@ -32,7 +32,7 @@ from node.scp import (
     handle_store,
 )
 from node.scu import Destination
-from node.sr import DeviceInfo
+from node.sr import DeviceInfo, slim_highdicom_tables
 from node.transfer_syntaxes import accepted_transfer_syntaxes
 from storage.db import Database
 from storage.filestore import FileStore
@@ -114,11 +114,14 @@ class Node:
 
     def __post_init__(self) -> None:
         """Open storage and load the model; a broken model (or TLS file) stops start-up here."""
+        limit_malloc_arenas()  # before any of our threads exist: memory, see its docstring
         tls.server_context(self.cfg)  # a missing or bad PEM file raises ConfigError here
         tls.client_context(self.cfg)
         self.files = FileStore(self.cfg.storage_root)
         self.db = Database(self.cfg.database_url)
         self.db.create_all()
+        slim_highdicom_tables(ACCEPTED_SOP_CLASSES)  # before the model: a lower memory peak
+        trim_memory()
         try:
             self.classifier, self.model_version = self._initial_classifier()
         except BaseException:

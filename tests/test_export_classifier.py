@@ -285,3 +285,16 @@ def test_loading_peaks_at_the_weights_plus_a_little(untrained_model: Path) -> No
                          capture_output=True, text=True, check=True)
     peak_above_import = float(out.stdout.strip().splitlines()[-1])
     assert peak_above_import < weights_mib + 60, f"load peaked {peak_above_import:.0f} MiB"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator controls")
+def test_glibc_allocator_controls_take_effect() -> None:
+    """The node caps malloc arenas and trims after each study; on glibc both must really run
+    (a False here means the node silently keeps its larger footprint). A fresh process, so
+    this test's own allocator stays untouched."""
+    code = ("from model.classifier import limit_malloc_arenas, trim_memory\n"
+            "print(limit_malloc_arenas(2), trim_memory(collect=False))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-1000:]
+    assert out.stdout.split() == ["True", "True"]

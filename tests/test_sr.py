@@ -22,6 +22,7 @@ from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
 from model.classes import CLASS_NAMES, DscintClass
+from node.dicom_io import ACCEPTED_SOP_CLASSES
 from node.sr import (
     Classification,
     DeviceInfo,
@@ -30,6 +31,7 @@ from node.sr import (
     build_sr,
     encode_sr,
     read_result,
+    slim_highdicom_tables,
     sr_uids,
 )
 
@@ -431,3 +433,15 @@ def test_dsrdump_shows_the_warning(tmp_path: Path) -> None:
     assert '"Not for diagnosis (research)"' in out
     assert "research use only, not for diagnosis" in out  # the series line
     assert "(94222008,SCT,\"Secondary malignant neoplasm of bone\")" in out
+
+
+def test_srs_still_build_and_read_back_with_highdicom_tables_slimmed() -> None:
+    """The node drops the modules of IODs it never touches from highdicom's table at start-up
+    (memory): SRs for both source layouts must still build, encode and read back."""
+    slim_highdicom_tables(ACCEPTED_SOP_CLASSES)  # idempotent; may already have run in a Node
+    from highdicom._standard_utils import get_module_attribute_map
+    assert 0 < len(get_module_attribute_map()) < 100  # of 436: only the node's IODs are left
+    for layout in ("nm", "sc"):
+        sr, _ = build(layout)
+        predicted, probs = read_result(roundtrip(sr))
+        assert predicted == "bone_metastasis" and probs == pytest.approx(PROBS)
