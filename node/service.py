@@ -18,7 +18,7 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from model.classifier import Classifier, limit_malloc_arenas, trim_memory
+from model.classifier import Classifier, trim_memory, tune_malloc
 from model.export import ModelFileError
 from node import exporter, health, housekeeping, tls, worker
 from node.config import Config
@@ -114,7 +114,7 @@ class Node:
 
     def __post_init__(self) -> None:
         """Open storage and load the model; a broken model (or TLS file) stops start-up here."""
-        limit_malloc_arenas()  # before any of our threads exist: memory, see its docstring
+        tune_malloc()  # before any of our threads exist: memory, see its docstring
         tls.server_context(self.cfg)  # a missing or bad PEM file raises ConfigError here
         tls.client_context(self.cfg)
         self.files = FileStore(self.cfg.storage_root)

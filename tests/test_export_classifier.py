@@ -292,8 +292,8 @@ def test_glibc_allocator_controls_take_effect() -> None:
     """The node caps malloc arenas and trims after each study; on glibc both must really run
     (a False here means the node silently keeps its larger footprint). A fresh process, so
     this test's own allocator stays untouched."""
-    code = ("from model.classifier import limit_malloc_arenas, trim_memory\n"
-            "print(limit_malloc_arenas(2), trim_memory(collect=False))")
+    code = ("from model.classifier import trim_memory, tune_malloc\n"
+            "print(tune_malloc(), trim_memory(collect=False))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-1000:]
