@@ -59,7 +59,7 @@ from highdicom.sr import (
 )
 from pydicom import DataElement, Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DA, DT, TM
 
 from model.classes import CLASS_NAMES, DscintClass
@@ -85,7 +85,6 @@ _REQUIRED_STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "Pat
 # What the SR copies from the first source: patient and study identity, nothing else.
 _COPIED_KEYWORDS = ("SpecificCharacterSet", *_REQUIRED_STUDY_KEYWORDS, "IssuerOfPatientID",
                     "StudyDescription")
-SR_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage
 _PATIENT_SEX_TERMS = frozenset({"M", "F", "O"})  # PS3.3 C.7.1.1 Patient's Sex
 _DATE_TIME_TYPES: dict[str, type[DA] | type[TM] | type[DT]] = {"DA": DA, "TM": TM, "DT": DT}
 
@@ -189,7 +188,7 @@ def slim_highdicom_tables(source_sop_classes: Iterable[str]) -> int:
         )
         iods, modules, table = (get_sop_class_iod_map(), get_iod_module_map(),
                                 get_module_attribute_map())
-        keep = {m["key"] for uid in (SR_SOP_CLASS_UID, *source_sop_classes)
+        keep = {m["key"] for uid in (Comprehensive3DSRStorage, *source_sop_classes)
                 for m in modules[iods[uid]]}
     except (ImportError, AttributeError, KeyError, TypeError) as exc:
         log.info("highdicom's module table left whole (%s)", type(exc).__name__)
@@ -354,35 +353,42 @@ def _evidence(source: Sequence[Dataset]) -> list[Dataset]:
     evidence = [_identifiers(ds) for ds in source]
     first = evidence[0]
     for keyword in _COPIED_KEYWORDS:
-        if keyword in source[0] and _valid_value(source[0][keyword]):
-            first[keyword] = copy.deepcopy(source[0][keyword])
-        elif keyword in source[0]:
+        if keyword not in source[0]:
+            if keyword in _REQUIRED_STUDY_KEYWORDS:
+                setattr(first, keyword, None)
+            continue
+        elem = _copyable(copy.deepcopy(source[0][keyword]))
+        if elem is None:
             log.warning("study %s: the source's %s is not a valid %s value; left empty in the "
                         "SR", first.StudyInstanceUID, keyword, source[0][keyword].VR)
             setattr(first, keyword, None)
-        elif keyword in _REQUIRED_STUDY_KEYWORDS:
-            setattr(first, keyword, None)
+        else:
+            first[keyword] = elem
     # highdicom warns with the patient's name when it looks odd; never let PHI reach a log.
     first.PatientName = ""
     return evidence
 
 
-def _valid_value(elem: DataElement) -> bool:
-    """Whether a copied type-2 value can go into the SR as it is. A camera's invalid Patient's
-    Sex or date must not cost the study its result: such a value is left empty instead."""
+def _copyable(elem: DataElement) -> DataElement | None:
+    """The element as the SR may carry it, or None when its value is invalid. A camera's
+    invalid Patient's Sex or date must not cost the study its result: it is left empty
+    instead; a Patient's Sex only padded or in lower case is written as the defined term."""
     value = elem.value
     if value in (None, "", b""):
-        return True
+        return elem
     if elem.keyword == "PatientSex":
-        return str(value).strip().upper() in _PATIENT_SEX_TERMS
+        term = str(value).strip().upper()
+        if term not in _PATIENT_SEX_TERMS:
+            return None
+        elem.value = term
+        return elem
     parse = _DATE_TIME_TYPES.get(str(elem.VR))
-    if parse is None:
-        return True
     try:
-        parse(str(value).strip())
+        if parse is not None:
+            parse(str(value).strip())
     except (TypeError, ValueError, OverflowError):
-        return False
-    return True
+        return None
+    return elem
 
 
 def _identifiers(ds: Dataset) -> Dataset:

@@ -350,6 +350,15 @@ def test_invalid_copied_value_is_left_empty_and_the_sr_still_builds(
     assert bad not in ours  # the value itself is never logged (pydicom's own setattr warns)
 
 
+@pytest.mark.parametrize(("sent", "written"), [("m", "M"), ("F ", "F"), (" o", "O")])
+def test_padded_or_lower_case_patient_sex_is_written_as_the_defined_term(sent: str,
+                                                                        written: str) -> None:
+    src = nm_multiframe()
+    src.PatientSex = sent
+    back = roundtrip(build_sr([src], nm_frames(src), result(), model(), DEVICE, now=NOW))
+    assert back.PatientSex == written
+
+
 def test_valid_copied_values_are_kept() -> None:
     src = nm_multiframe()
     src.PatientSex, src.PatientBirthDate, src.StudyTime = "O", "19580214", "101500.25"
