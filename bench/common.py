@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,8 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from pynetdicom import AE
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 REPO = Path(__file__).resolve().parents[1]
+NODE_AE = "DSCINT"
+VERIFICATION = "1.2.840.10008.1.1"
+START_TIMEOUT = 120.0
 
 
 def free_port() -> int:
@@ -75,38 +82,102 @@ def write_config(path: Path, sections: Mapping[str, Mapping[str, object]]) -> Pa
     return path
 
 
+def echo_ok(port: int, timeout: float = 5.0) -> bool:
+    """True when the node answers C-ECHO on 127.0.0.1:port."""
+    ae = AE(ae_title="SOAK_PROBE")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+    if not assoc.is_established:
+        return False
+    try:
+        rsp = assoc.send_c_echo()
+        return getattr(rsp, "Status", None) == 0
+    finally:
+        assoc.release()
+
+
 @dataclass
-class NodeProcess:
-    """`python -m node serve` with a config written for the benchmark."""
+class NodeProc:
+    """`python -m node serve --config ...`, restartable; output appended to `log_path`."""
 
     config: Path
     port: int
-    proc: subprocess.Popen[bytes]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    peak_rss_mib: float = 0.0
 
-    @classmethod
-    def start(cls, workdir: Path, model: Path, pacs_port: int, quiet_seconds: float = 120.0
-              ) -> NodeProcess:
-        """Write config.toml under workdir and start the node on a free port."""
-        port = free_port()
-        cfg = write_config(workdir / "config.toml", {
-            "node": {"ae_title": "DSCINT", "port": port},
-            "pacs": {"ae_title": "BENCH_PACS", "host": "127.0.0.1", "port": pacs_port},
-            "storage": {"root": str(workdir / "node")},
-            "model": {"path": str(model)},
-            "completion": {"quiet_seconds": quiet_seconds, "sweep_seconds": 0.2},
-            "export": {"backoff_base_seconds": 0.5, "backoff_cap_seconds": 2.0},
-            "logging": {"level": "WARNING"},
-        })
-        proc = subprocess.Popen([sys.executable, "-m", "node", "serve", "--config", str(cfg)],
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(port)
-        return cls(cfg, port, proc)
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start and wait until it answers C-ECHO; a node that exits first is an error."""
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "node", "serve", "--config", str(self.config)],
+                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode} during start-up; "
+                                   f"see {self.log_path}")
+            if echo_ok(self.port, timeout=2.0):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"node did not answer C-ECHO within {timeout} s")
 
-    def stop(self) -> None:
-        """SIGTERM, then wait."""
-        self.proc.terminate()
-        try:
+    @property
+    def pid(self) -> int:
+        """The running node's process id (for /proc readings)."""
+        if self.proc is None:
+            raise RuntimeError("node not started")
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        """Still running (not exited on its own)."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def sample_rss(self) -> float:
+        """Record the process's peak RSS so far (VmHWM), MiB."""
+        if self.alive() and self.proc is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.peak_rss_mib = max(self.peak_rss_mib, rss_mib(self.proc.pid, "VmHWM"))
+        return self.peak_rss_mib
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, as in a power cut of the process."""
+        if self.proc is not None:
+            self.sample_rss()
+            self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait (graceful); the exit code."""
+        if self.proc is None:
+            return None
+        self.sample_rss()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_bench_node(workdir: Path, model: Path, pacs_port: int, quiet_seconds: float = 120.0
+                     ) -> NodeProc:
+    """The node as deployed, for a benchmark: config.toml under workdir, a free port, started."""
+    port = free_port()
+    cfg = write_config(workdir / "config.toml", {
+        "node": {"ae_title": NODE_AE, "port": port},
+        "pacs": {"ae_title": "BENCH_PACS", "host": "127.0.0.1", "port": pacs_port},
+        "storage": {"root": str(workdir / "node")},
+        "model": {"path": str(model)},
+        "completion": {"quiet_seconds": quiet_seconds, "sweep_seconds": 0.2},
+        "export": {"backoff_base_seconds": 0.5, "backoff_cap_seconds": 2.0},
+        "logging": {"level": "WARNING"},
+    })
+    node = NodeProc(cfg, port, workdir / "node.log")
+    node.start()
+    return node

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from bench.common import NodeProcess, cpu_seconds, dcmtk_env, free_port, rss_mib, wait_port
+from bench.common import cpu_seconds, dcmtk_env, free_port, rss_mib, start_bench_node, wait_port
 from model.phantom_dicom import DicomLayout, study_datasets
 from model.phantoms import generate_study
 from node import scp
@@ -113,9 +113,9 @@ def run_node(work: Path, model: Path, files: list[Path], assocs: int) -> Row:
     pacs.start()
     nwork = work / f"node-{assocs}"
     nwork.mkdir()
-    node = NodeProcess.start(nwork, model, pacs.port)
+    node = start_bench_node(nwork, model, pacs.port)
     try:
-        return measure("dscint-node", node.proc.pid, node.port, "DSCINT", files, assocs)
+        return measure("dscint-node", node.pid, node.port, "DSCINT", files, assocs)
     finally:
         node.stop()
         pacs.stop()

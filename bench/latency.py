@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from bench.common import NodeProcess, rss_mib
+from bench.common import rss_mib, start_bench_node
 from model.classes import CLASS_NAMES
 from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
@@ -53,12 +53,12 @@ def main() -> None:
         model = export_untrained(work / "model.pt")
         pacs = PacsStandIn(ae_title="BENCH_PACS")
         pacs.start()
-        node = NodeProcess.start(work, model, pacs.port)
+        node = start_bench_node(work, model, pacs.port)
         dest = Destination("DSCINT", "127.0.0.1", node.port)
         try:
             time.sleep(2.0)
-            idle_rss = rss_mib(node.proc.pid)
-            start_peak = rss_mib(node.proc.pid, "VmHWM")  # start-up: imports, tables, model
+            idle_rss = rss_mib(node.pid)
+            start_peak = rss_mib(node.pid, "VmHWM")  # start-up: imports, tables, model
             latencies = []
             for paths in studies:
                 uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
@@ -69,8 +69,8 @@ def main() -> None:
                 while uid not in pacs.by_study() and time.monotonic() < deadline:
                     time.sleep(0.002)
                 latencies.append(pacs.by_study()[uid][0].acknowledged_at - sent)
-            load_rss = rss_mib(node.proc.pid)
-            peak_rss = rss_mib(node.proc.pid, "VmHWM")
+            load_rss = rss_mib(node.pid)
+            peak_rss = rss_mib(node.pid, "VmHWM")
         finally:
             node.stop()
             pacs.stop()

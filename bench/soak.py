@@ -24,14 +24,11 @@ layouts, kill moments, hostile inputs) is a function of the seed; thread interle
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import logging
 import random
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,7 +41,7 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 from pynetdicom import AE
 
-from bench.common import free_port, rss_mib, write_config
+from bench.common import NODE_AE, NodeProc, free_port, write_config
 from model.classes import CLASS_NAMES
 from model.phantom_dicom import DicomLayout, study_datasets
 from model.phantoms import generate_study
@@ -55,11 +52,7 @@ from storage.db import Database, Instance, Result
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
-NODE_AE = "DSCINT"
 PACS_AE = "SOAK_PACS"
-VERIFICATION = "1.2.840.10008.1.1"
-START_TIMEOUT = 120.0
 
 
 # --- the node in its own process -----------------------------------------------------------
@@ -81,82 +74,6 @@ def node_sections(root: Path, model: Path, port: int, pacs_port: int,
     for name, values in overrides.items():
         sections[name] = {**sections.get(name, {}), **values}
     return sections
-
-
-def echo_ok(port: int, timeout: float = 5.0) -> bool:
-    """True when the node answers C-ECHO on 127.0.0.1:port."""
-    ae = AE(ae_title="SOAK_PROBE")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(VERIFICATION)
-    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
-    if not assoc.is_established:
-        return False
-    try:
-        rsp = assoc.send_c_echo()
-        return getattr(rsp, "Status", None) == 0
-    finally:
-        assoc.release()
-
-
-@dataclass
-class NodeProc:
-    """`python -m node serve --config ...`, restartable; output appended to `log_path`."""
-
-    config: Path
-    port: int
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-    peak_rss_mib: float = 0.0
-
-    def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Start and wait until it answers C-ECHO; a node that exits first is an error."""
-        with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "node", "serve", "--config", str(self.config)],
-                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        self.starts += 1
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"node exited with {self.proc.returncode} during start-up; "
-                                   f"see {self.log_path}")
-            if echo_ok(self.port, timeout=2.0):
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"node did not answer C-ECHO within {timeout} s")
-
-    def alive(self) -> bool:
-        """Still running (not exited on its own)."""
-        return self.proc is not None and self.proc.poll() is None
-
-    def sample_rss(self) -> float:
-        """Record the process's peak RSS so far (VmHWM), MiB."""
-        if self.alive() and self.proc is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self.peak_rss_mib = max(self.peak_rss_mib, rss_mib(self.proc.pid, "VmHWM"))
-        return self.peak_rss_mib
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to clean up, as in a power cut of the process."""
-        if self.proc is not None:
-            self.sample_rss()
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> int | None:
-        """SIGTERM and wait (graceful); the exit code."""
-        if self.proc is None:
-            return None
-        self.sample_rss()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 # --- studies and senders -------------------------------------------------------------------

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import Dataset
 
-from bench.common import free_port, rss_mib, write_config
-from bench.soak import NodeProc, echo_ok, expected_answer, node_sections
+from bench.common import NodeProc, echo_ok, free_port, rss_mib, write_config
+from bench.soak import expected_answer, node_sections
 from node import hostile
 from node.dicom_io import is_valid_uid
 from node.pacs_standin import PacsStandIn
