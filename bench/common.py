@@ -23,11 +23,22 @@ VERIFICATION = "1.2.840.10008.1.1"
 START_TIMEOUT = 120.0
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports the OS considers free now (all bound to port 0 at once, so
+    the OS cannot hand the same port out twice, then closed for the server to take)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    """A port the OS considers free right now (bind to 0, read, close)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """One free TCP port (see free_ports)."""
+    return free_ports(1)[0]
 
 
 def cpu_seconds(pid: int) -> float:

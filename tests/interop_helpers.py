@@ -12,7 +12,6 @@ import functools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -24,6 +23,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from bench.common import dcmtk_env, free_port, free_ports
 from node.config import Config, load_config, with_overrides
 
 T = TypeVar("T")
@@ -37,11 +37,6 @@ STOP_SECONDS = 5.0
 
 
 # --- tools ---------------------------------------------------------------------------------
-
-
-def tool_env() -> dict[str, str]:
-    """The environment for every DCMTK tool and Orthanc: Nagle off, or C-STOREs stall."""
-    return {**os.environ, "TCP_NODELAY": "1"}
 
 
 @functools.cache
@@ -82,26 +77,8 @@ def require_tools(*names: str) -> None:
 
 def run_tool(argv: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run a DCMTK/dicom3tools command to completion with Nagle off; output captured."""
-    return subprocess.run(list(argv), env=tool_env(), capture_output=True, text=True,
+    return subprocess.run(list(argv), env=dcmtk_env(), capture_output=True, text=True,
                           timeout=timeout, check=False)
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` distinct TCP ports the OS considers free now (all bound to port 0 at once, so
-    the OS cannot hand the same port out twice, then closed for the server to take)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def free_port() -> int:
-    """One free TCP port (see free_ports)."""
-    return free_ports(1)[0]
 
 
 def wait_for(probe: Callable[[], T | None], timeout: float, what: str,
@@ -132,7 +109,7 @@ class ServerProcess:
     def start(self) -> None:
         """Launch with Nagle off; output to the log so a failure can quote it."""
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=tool_env(),
+            self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=dcmtk_env(),
                                          stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT)
 
