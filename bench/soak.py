@@ -246,24 +246,13 @@ def expected_answer(expect: hostile.Expect, status: int) -> bool:
 # --- checks --------------------------------------------------------------------------------
 
 
-@dataclass
-class Verdict:
-    """What the checks found after a trial."""
-
-    lost: list[str] = field(default_factory=list)
-    partial_files: list[str] = field(default_factory=list)
-    orphan_files: list[str] = field(default_factory=list)
-    missing_srs: list[str] = field(default_factory=list)
-    duplicate_srs: list[str] = field(default_factory=list)
-    sr_redeliveries: int = 0
-
-
 def _pixels(path: Path) -> bytes:
     ds = dcmread(path)
     return bytes(ds.PixelData)
 
 
-def check_instances(root: Path, db: Database, acked: Mapping[str, Path], v: Verdict) -> None:
+def check_instances(root: Path, db: Database, acked: Mapping[str, Path],
+                    v: TrialReport) -> None:
     """Every acknowledged instance in the database, on disk, pixels identical."""
     with db.read_session() as s:
         rows = {sop: path for sop, path in s.query(Instance.sop_uid, Instance.path)}
@@ -289,7 +278,8 @@ def check_instances(root: Path, db: Database, acked: Mapping[str, Path], v: Verd
     v.partial_files += sorted(str(p) for p in root.rglob("*.partial"))
 
 
-def check_srs(db: Database, pacs: PacsStandIn, study_uids: list[str], v: Verdict) -> None:
+def check_srs(db: Database, pacs: PacsStandIn, study_uids: list[str],
+               v: TrialReport) -> None:
     """Exactly one SR UID per study at PACS, the one the database recorded."""
     by_study = pacs.by_study()
     with db.read_session() as s:
@@ -480,10 +470,9 @@ def _fill(report: TrialReport, node: NodeProc, ledger: Ledger, tally: HostileTal
     """Run the checks and copy every number into the report."""
     root = workdir / "node"
     db = Database(f"sqlite:///{root / 'dscint.db'}")
-    verdict = Verdict()
-    try:
-        check_instances(root, db, {**ledger.acked, **tally.accepted}, verdict)
-        check_srs(db, pacs, study_uids, verdict)
+    try:  # the checks write what they find (lost, partial, orphan, SRs) into the report
+        check_instances(root, db, {**ledger.acked, **tally.accepted}, report)
+        check_srs(db, pacs, study_uids, report)
     finally:
         db.dispose()
     report.instances_acked = len(ledger.acked)
@@ -492,10 +481,6 @@ def _fill(report: TrialReport, node: NodeProc, ledger: Ledger, tally: HostileTal
     report.refused_valid = ledger.refused_valid
     report.node_starts, report.peak_rss_mib = node.starts, round(node.peak_rss_mib, 1)
     report.hostile_tried, report.hostile_unexpected = tally.tried, tally.unexpected
-    report.lost, report.partial_files = verdict.lost, verdict.partial_files
-    report.orphan_files = verdict.orphan_files
-    report.missing_srs, report.duplicate_srs = verdict.missing_srs, verdict.duplicate_srs
-    report.sr_redeliveries = verdict.sr_redeliveries
     report.errors_logged += logged_errors(node.log_path)[:20]
     report.temp_files_swept, report.jobs_requeued, report.exports_requeued = \
         recoveries(node.log_path)
