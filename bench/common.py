@@ -55,6 +55,37 @@ def rss_mib(pid: int, key: str = "VmRSS") -> float:
     return float("nan")
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants now (the node and its receiver process), from /proc."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        for task in Path(f"/proc/{pids[i]}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                pids += [int(c) for c in task.read_text().split()]
+        i += 1
+    return pids
+
+
+def tree_cpu_seconds(pid: int) -> list[float]:
+    """CPU seconds of a process and each live descendant (a node's two processes), parent
+    first."""
+    out = []
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            out.append(cpu_seconds(p))
+    return out
+
+
+def tree_rss_mib(pid: int, key: str = "VmRSS") -> list[float]:
+    """RSS (or peak RSS, VmHWM) of a process and each live descendant, MiB, parent first.
+    The sum of peaks bounds the whole node's peak from above (they need not coincide)."""
+    out = []
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError, ValueError):
+            out.append(rss_mib(p, key))
+    return out
+
+
 def wait_port(port: int, timeout: float = 60.0) -> None:
     """Block until something listens on 127.0.0.1:port."""
     deadline = time.monotonic() + timeout
@@ -148,10 +179,9 @@ class NodeProc:
         return self.proc is not None and self.proc.poll() is None
 
     def sample_rss(self) -> float:
-        """Record the process's peak RSS so far (VmHWM), MiB."""
+        """Record the node's peak RSS so far, MiB: the sum of its processes' peaks (VmHWM)."""
         if self.alive() and self.proc is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self.peak_rss_mib = max(self.peak_rss_mib, rss_mib(self.proc.pid, "VmHWM"))
+            self.peak_rss_mib = max(self.peak_rss_mib, sum(tree_rss_mib(self.proc.pid, "VmHWM")))
         return self.peak_rss_mib
 
     def kill(self) -> None:

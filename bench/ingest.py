@@ -1,7 +1,9 @@
 """Ingest benchmark: DCMTK storescu sends the same 1 MB two-frame NM files to the node and to
 DCMTK storescp, with 1 and 4 associations, side by side in one run.
 
-Reports files/s, receiver CPU ms per file, receiver peak RSS and the node/storescp ratio.
+Reports files/s, receiver CPU ms per file, receiver peak RSS and the node/storescp ratio. The
+node's figures cover both its processes (classifier and receiver): CPU summed, peak RSS as the
+sum of each process's peak, with the two peaks shown beside it.
 `python -m bench.ingest [--files 200] [--json out.json]`. Needs dcmtk (`make test` installs it).
 """
 
@@ -19,7 +21,16 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from bench.common import cpu_seconds, dcmtk_env, free_port, rss_mib, start_bench_node, wait_port
+from bench.common import (
+    cpu_seconds,
+    dcmtk_env,
+    free_port,
+    rss_mib,
+    start_bench_node,
+    tree_cpu_seconds,
+    tree_rss_mib,
+    wait_port,
+)
 from model.phantom_dicom import DicomLayout, study_datasets
 from model.phantoms import generate_study
 from node import scp
@@ -42,6 +53,8 @@ class Row:
     files_per_s: float
     cpu_ms_per_file: float
     peak_rss_mib: float
+    peaks_by_process: str = ""  # the node: classifier + receiver peaks, MiB
+    cpu_by_process: str = ""  # the node: classifier + receiver CPU ms per file
 
 
 def make_files(out: Path, n: int, studies: int) -> list[Path]:
@@ -78,12 +91,23 @@ def send(files: list[Path], port: int, associations: int, aet: str) -> float:
 
 
 def measure(name: str, pid: int, port: int, aet: str, files: list[Path], assocs: int) -> Row:
-    """CPU and wall time of one send, read from /proc of the receiver."""
+    """CPU and wall time of one send, read from /proc of the receiver (one process)."""
     cpu0 = cpu_seconds(pid)
     secs = send(files, port, assocs, aet)
     cpu = cpu_seconds(pid) - cpu0
     return Row(name, assocs, len(files), round(secs, 3), round(len(files) / secs, 1),
                round(cpu / len(files) * 1000, 2), round(rss_mib(pid, "VmHWM"), 1))
+
+
+def measure_node(pid: int, port: int, files: list[Path], assocs: int) -> Row:
+    """As `measure`, over the node's processes: CPU summed, peaks per process and summed."""
+    cpu0 = tree_cpu_seconds(pid)
+    secs = send(files, port, assocs, "DSCINT")
+    cpu = [(b - a) / len(files) * 1000 for a, b in zip(cpu0, tree_cpu_seconds(pid), strict=False)]
+    peaks = tree_rss_mib(pid, "VmHWM")
+    return Row("dscint-node", assocs, len(files), round(secs, 3), round(len(files) / secs, 1),
+               round(sum(cpu), 2), round(sum(peaks), 1), " + ".join(f"{p:.0f}" for p in peaks),
+               " + ".join(f"{c:.1f}" for c in cpu))
 
 
 def run_storescp(work: Path, files: list[Path], assocs: int) -> Row:
@@ -115,7 +139,7 @@ def run_node(work: Path, model: Path, files: list[Path], assocs: int) -> Row:
     nwork.mkdir()
     node = start_bench_node(nwork, model, pacs.port)
     try:
-        return measure("dscint-node", node.pid, node.port, "DSCINT", files, assocs)
+        return measure_node(node.pid, node.port, files, assocs)
     finally:
         node.stop()
         pacs.stop()
@@ -201,13 +225,13 @@ def main() -> None:
     print(f"{args.files} files of {files and 1.0:.1f} MiB pixel data, {args.studies} studies; "
           "receivers on 127.0.0.1; TCP_NODELAY=1 for DCMTK")
     print(f"{'receiver':<16}{'assocs':>7}{'files/s':>9}{'cpu ms/file':>13}{'peak RSS MiB':>14}"
-          f"{'node/storescp':>15}")
+          f"{'node/storescp':>15}  by process (classifier + receiver): cpu ms/file; peak MiB")
     ref = {r.associations: r.files_per_s for r in rows if r.receiver == "dcmtk storescp"}
     for r in rows:
         ratio = f"{r.files_per_s / ref[r.associations]:.2f}" if r.receiver != "dcmtk storescp" \
             else ""
         print(f"{r.receiver:<16}{r.associations:>7}{r.files_per_s:>9}{r.cpu_ms_per_file:>13}"
-              f"{r.peak_rss_mib:>14}{ratio:>15}")
+              f"{r.peak_rss_mib:>14}{ratio:>15}  {r.cpu_by_process}; {r.peaks_by_process}")
     print_stages(stages, ref.get(1, 0.0))
     if args.json:
         args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "stages_ms": stages},

@@ -3,7 +3,8 @@
 The node runs as its own process (`python -m node serve`); studies (both views, so the
 completion rule "anterior and posterior present" fires) are sent one after another by a
 pynetdicom SCU, each after the previous SR arrived; a PACS stand-in in this process timestamps
-each SR. Also reports node RSS idle and after the run. `python -m bench.latency [--studies 100]`.
+each SR. Also reports node RSS idle and after the run (all its processes: the sum, and each
+process's figure, classifier first). `python -m bench.latency [--studies 100]`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from bench.common import rss_mib, start_bench_node
+from bench.common import start_bench_node, tree_rss_mib
 from model.classes import CLASS_NAMES
 from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
@@ -57,8 +58,8 @@ def main() -> None:
         dest = Destination("DSCINT", "127.0.0.1", node.port)
         try:
             time.sleep(2.0)
-            idle_rss = rss_mib(node.pid)
-            start_peak = rss_mib(node.pid, "VmHWM")  # start-up: imports, tables, model
+            idle = tree_rss_mib(node.pid)
+            start_peaks = tree_rss_mib(node.pid, "VmHWM")  # start-up: imports, tables, model
             latencies = []
             for paths in studies:
                 uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
@@ -69,22 +70,28 @@ def main() -> None:
                 while uid not in pacs.by_study() and time.monotonic() < deadline:
                     time.sleep(0.002)
                 latencies.append(pacs.by_study()[uid][0].acknowledged_at - sent)
-            load_rss = rss_mib(node.pid)
-            peak_rss = rss_mib(node.pid, "VmHWM")
+            after = tree_rss_mib(node.pid)
+            peaks = tree_rss_mib(node.pid, "VmHWM")
         finally:
             node.stop()
             pacs.stop()
     result = {"studies": len(latencies), "layout": args.layout,
               "p50_s": round(statistics.median(latencies), 3),
               "p99_s": round(percentile(latencies, 99), 3),
-              "max_s": round(max(latencies), 3), "rss_idle_mib": round(idle_rss, 1),
-              "rss_after_mib": round(load_rss, 1), "rss_peak_start_mib": round(start_peak, 1),
-              "rss_peak_mib": round(peak_rss, 1)}
+              "max_s": round(max(latencies), 3), "rss_idle_mib": round(sum(idle), 1),
+              "rss_after_mib": round(sum(after), 1),
+              "rss_peak_start_mib": round(sum(start_peaks), 1),
+              "rss_peak_mib": round(sum(peaks), 1),
+              "by_process_mib": {"idle": idle, "after": after, "peak_start": start_peaks,
+                                 "peak": peaks}}
     print(f"{'studies':>8}{'layout':>12}{'p50 s':>8}{'p99 s':>8}{'max s':>8}"
           f"{'RSS idle':>10}{'RSS after':>11}{'peak start':>12}{'RSS peak':>10}")
     print(f"{result['studies']:>8}{args.layout:>12}{result['p50_s']:>8}{result['p99_s']:>8}"
           f"{result['max_s']:>8}{result['rss_idle_mib']:>10}{result['rss_after_mib']:>11}"
           f"{result['rss_peak_start_mib']:>12}{result['rss_peak_mib']:>10}")
+    for name, values in result["by_process_mib"].items():  # type: ignore[union-attr]
+        print(f"  {name:<11} by process (classifier + receiver): "
+              + " + ".join(f"{v:.1f}" for v in values) + " MiB")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

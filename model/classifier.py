@@ -12,15 +12,11 @@ checked against the verified module at load time (see `prepare_for_serving`).
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import gc
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import torch
@@ -31,11 +27,13 @@ from model.export import (
     load_torchscript,
     torchscript_deprecation_silenced,
 )
+from model.memory import trim_memory
 from model.preprocess import mirror, preprocess_batch
 
 log = logging.getLogger(__name__)
 
 ANTERIOR, POSTERIOR, UNKNOWN = "anterior", "posterior", "unknown"
+SERVING_BATCH = 4  # images per forward pass (a study's two views go in one)
 _OPPOSITE = {ANTERIOR: POSTERIOR, POSTERIOR: ANTERIOR}
 
 
@@ -167,53 +165,6 @@ def prepare_for_serving(module: torch.jit.ScriptModule, meta: ModelMetadata,
     return fast, OPTIMIZED, diff
 
 
-M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # glibc mallopt parameters (malloc.h)
-MMAP_THRESHOLD = 256 * 1024
-
-
-@functools.cache
-def _libc_function(name: str) -> Callable[..., int] | None:
-    """A glibc allocator function from the running process, or None where libc has none
-    (musl, macOS)."""
-    try:
-        fn = getattr(ctypes.CDLL(None), name)
-    except (OSError, AttributeError, TypeError):
-        return None
-    fn.restype = ctypes.c_int
-    return cast(Callable[..., int], fn)
-
-
-def tune_malloc(arenas: int = 2, mmap_threshold: int = MMAP_THRESHOLD) -> bool:
-    """Keep the node's resident size from creeping up under load (glibc only).
-
-    Caps the per-thread malloc arenas (default 8 per core: each association, worker and
-    exporter thread would keep its own arena of freed memory), and fixes the mmap threshold:
-    glibc otherwise raises it after each freed 1 MiB buffer (received datasets, decoded
-    frames), so those land in the arenas and fragment them. Measured on 4-association ingest:
-    peak 590 -> 506 MiB. Call before the threads start; False where unsupported.
-    """
-    mallopt = _libc_function("mallopt")
-    return mallopt is not None and bool(mallopt(M_ARENA_MAX, arenas)) and \
-        bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold))
-
-
-def trim_memory(collect: bool = True) -> bool:
-    """Hand freed heap pages back to the OS (glibc `malloc_trim(0)`), after a `gc.collect()`.
-
-    glibc keeps freed small allocations: loading a model and its first forward passes leave
-    ~10 MB, each study a few more in the worker thread's arena. The trim takes ~0.1 ms; the
-    collect ~150 ms once highdicom's tables are loaded, so pass collect=False per study. False
-    where libc has no malloc_trim.
-    """
-    if collect:
-        gc.collect()
-    trim = _libc_function("malloc_trim")
-    if trim is None:
-        return False
-    trim(0)
-    return True
-
-
 class Classifier:
     """Loads a TorchScript Dscint once and classifies studies under inference mode.
 
@@ -240,11 +191,16 @@ class Classifier:
         return self.meta
 
     def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Probabilities (N, classes) for raw count images."""
-        batch = preprocess_batch(images, self.meta.preprocessing)
-        with torch.inference_mode():
-            probs = self.module(batch)
-        return probs.double().numpy()
+        """Probabilities (N, classes) for raw count images, at most SERVING_BATCH per forward
+        pass: a study of many instances (a camera re-sending, a backlog) costs time, not a
+        memory peak that grows with its size (activations are ~4 MiB per image)."""
+        parts = [np.zeros((0, len(self.meta.class_names)))]
+        for start in range(0, len(images), SERVING_BATCH):
+            batch = preprocess_batch(images[start:start + SERVING_BATCH],
+                                     self.meta.preprocessing)
+            with torch.inference_mode():
+                parts.append(self.module(batch).double().numpy())
+        return np.concatenate(parts)
 
     def classify_study(self, views: Sequence[tuple[str, np.ndarray]]) -> StudyPrediction:
         """Classify all views of one study and combine them."""

@@ -16,7 +16,7 @@ from node.config import ConfigError, load_config
 log = logging.getLogger("node")
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str) -> None:
     """Configure logging once, here only. pydicom's own warnings can quote element values
     (a name typed into a UID field, say), so they are kept out of the log: no PHI in logs."""
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
@@ -31,7 +31,7 @@ def _setup_logging(level: str) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    _setup_logging(cfg.logging.level)
+    setup_logging(cfg.logging.level)
     from model.export import ModelFileError
     from node.service import Node
     try:
@@ -42,8 +42,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with node:
+    from node.receiver import ReceiverStartError
+    try:
+        node.start()
+    except ReceiverStartError as exc:  # the receiver logged why (port in use, say)
+        log.error("cannot start: %s", exc)
+        return 2
+    try:
         stop.wait()
+    finally:
+        node.stop()
     return 0
 
 
@@ -68,7 +76,7 @@ def _cmd_resend(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from node.demo import run_demo
     cfg = load_config(args.config) if args.config else None
-    _setup_logging("WARNING" if not args.verbose else "INFO")
+    setup_logging("WARNING" if not args.verbose else "INFO")
     return run_demo(cfg, n_per_class=args.per_class, workdir=args.workdir)
 
 
@@ -80,7 +88,7 @@ def _cmd_phantoms(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from node.tools import train_on_phantoms
-    _setup_logging("INFO")
+    setup_logging("INFO")
     train_on_phantoms(args.out, patients=args.patients, epochs=args.epochs, seed=args.seed,
                       difficulty=args.difficulty, baseline=not args.no_baseline)
     return 0
@@ -89,7 +97,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_retrain(args: argparse.Namespace) -> int:
     from node.retrain import run_retrain
     cfg = load_config(args.config)
-    _setup_logging("INFO")
+    setup_logging("INFO")
     return run_retrain(cfg, args)
 
 

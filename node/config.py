@@ -57,6 +57,7 @@ class NodeSection:
     network_timeout: float = 60.0
     worker_threads: int = 1
     torch_threads: int = 2
+    receiver_process: bool = True  # the SCP in a process of its own (see node.receiver)
 
 
 @dataclass(frozen=True)
@@ -288,6 +289,11 @@ def load_config(path: Path | None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     return config_from_dict(doc, base_dir=path.resolve().parent)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The sections as plain data (JSON-able); `config_from_dict` reads it back."""
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
 
 
 def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:

@@ -752,13 +752,19 @@ def extract_views(ds: Dataset) -> list[ViewImage]:
 
 
 def decode_check(ds: Dataset) -> Rejection | None:
-    """Decode fully once, so an instance whose pixels cannot be read is refused at admission.
+    """Decode compressed pixels fully once, so an instance whose pixels cannot be read is
+    refused at admission.
 
-    Header problems keep their own status; a decoding failure answers 0xC210. Never raises.
+    Header problems keep their own status; a decoding failure answers 0xC210. Native
+    (uncompressed) data is not decoded: once the pixel module checks passed, its exact length
+    included, reading it cannot fail, and decoding cost ~0.5 ms and a float copy twice the
+    data's size on every C-STORE. Never raises.
     """
-    rejection = pixel_rejection(ds)
-    if rejection is not None:
-        return rejection
+    geometry = pixel_geometry(ds)
+    if isinstance(geometry, Rejection):
+        return geometry
+    if geometry.transfer_syntax in NATIVE_TRANSFER_SYNTAXES:
+        return None
     try:
         decode_frames(ds)
     except DecodeError as exc:

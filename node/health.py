@@ -127,6 +127,16 @@ def health_report(db: Database, cfg: Config, model: ModelSummary | None,
     }
 
 
+def add_receiver(report: Report, alive: bool, restarts: int) -> None:
+    """The receiver process's state: down (being restarted) makes the node degraded, as no
+    camera can store meanwhile; restarts so far are counted for the monitor."""
+    report["receiver"] = {"alive": alive, "restarts": restarts}
+    if not alive:
+        report["problems"].append("receiver process not running (being restarted): C-STORE "
+                                  "and C-ECHO are refused meanwhile")
+        report["status"] = "degraded"
+
+
 def metrics_text(report: Report) -> str:
     """The report's numbers in Prometheus exposition format."""
     lines = ["# TYPE dscint_degraded gauge",
@@ -138,6 +148,11 @@ def metrics_text(report: Report) -> str:
               f"dscint_exports_retrying {work.get('exports_retrying', 0)}",
               "# TYPE dscint_failed_studies gauge",
               f"dscint_failed_studies {work.get('failed_studies', 0)}"]
+    receiver = report.get("receiver")
+    if receiver is not None:
+        lines += ["# TYPE dscint_receiver_up gauge", f"dscint_receiver_up {int(receiver['alive'])}",
+                  "# TYPE dscint_receiver_restarts_total counter",
+                  f"dscint_receiver_restarts_total {receiver['restarts']}"]
     disk = report.get("disk", {})
     lines += ["# TYPE dscint_disk_free_bytes gauge",
               f"dscint_disk_free_bytes {disk.get('free_bytes', 0)}",

@@ -3,37 +3,25 @@
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import socket
 import threading
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
-from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from model.classifier import Classifier, trim_memory, tune_malloc
+from model.classifier import Classifier
 from model.export import ModelFileError
+from model.memory import trim_memory, tune_malloc
 from node import exporter, health, housekeeping, tls, worker
 from node.config import Config
-from node.dicom_io import ACCEPTED_SOP_CLASSES, NM_IMAGE_STORAGE, SC_IMAGE_STORAGE
-from node.scp import (
-    RedactedTracebacks,
-    StoreContext,
-    handle_accepted,
-    handle_echo,
-    handle_rejected,
-    handle_store,
-)
+from node.dicom_io import ACCEPTED_SOP_CLASSES
+from node.receiver import ReceiverProcess, keep_phi_out_of_logs, start_scp
 from node.scu import Destination
 from node.sr import DeviceInfo, slim_highdicom_tables
-from node.transfer_syntaxes import accepted_transfer_syntaxes
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.queue import (
@@ -46,42 +34,8 @@ from storage.registry import ModelRecord, serving_model
 
 log = logging.getLogger(__name__)
 
-VERIFICATION = "1.2.840.10008.1.1"
 SOFTWARE_VERSION = "0.1.0"
 STALE_CLAIM_SECONDS = 600.0
-# Loggers that quote element values (a name typed into a UID field, say) and the most they may
-# say: pynetdicom.utils reports "non-conformant" UIDs with their value at WARNING/ERROR, and
-# pynetdicom's DEBUG/INFO dumps print request fields. No PHI in logs, at any level.
-VALUE_QUOTING_LOGGERS = {"pydicom": logging.CRITICAL, "highdicom": logging.CRITICAL,
-                         "pynetdicom.utils": logging.CRITICAL, "pynetdicom": logging.WARNING}
-
-
-def keep_phi_out_of_logs() -> None:
-    """Cap the loggers above and ignore pydicom's and highdicom's warnings (idempotent); the
-    node's own refusal reasons say what was wrong without quoting values."""
-    for name, level in VALUE_QUOTING_LOGGERS.items():
-        logger = logging.getLogger(name)
-        logger.setLevel(max(level, logger.level))
-    for name in ("pydicom", "highdicom"):
-        warnings.filterwarnings("ignore", module=rf"{name}(\..*)?")
-    ours = [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)
-            if n.split(".")[0] in ("node", "storage", "model")]
-    for logger in ours:  # tracebacks quote exception messages, and those may quote values
-        if not any(isinstance(f, RedactedTracebacks) for f in logger.filters):
-            logger.addFilter(RedactedTracebacks())
-
-
-def patient_secret(root: Path) -> bytes:
-    """Per-installation key for patient fingerprints (never stored with the data it hides)."""
-    path = root / "patient-key.secret"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(32))
-    return path.read_bytes()
-
-
 def device_info(cfg: Config) -> DeviceInfo:
     """Stable identity of this node as the SR's device observer."""
     host = socket.gethostname()
@@ -105,6 +59,7 @@ class Node:
     _failed_model: str | None = field(init=False, default=None)
     port: int = field(init=False, default=0)
     _server: ThreadedAssociationServer | None = field(init=False, default=None)
+    _receiver: ReceiverProcess | None = field(init=False, default=None)
     _threads: list[threading.Thread] = field(init=False, default_factory=list)
     _stop: threading.Event = field(init=False, default_factory=threading.Event)
     _work: threading.Event = field(init=False, default_factory=threading.Event)
@@ -192,10 +147,14 @@ class Node:
         """Recover, start workers, exporter, scheduler, the SCP and the health endpoint."""
         keep_phi_out_of_logs()
         self.recover()
-        self._start_threads()
-        self._start_scheduler()
-        self._start_scp()
-        self._start_health()
+        try:
+            self._start_threads()
+            self._start_scheduler()
+            self._start_scp()
+            self._start_health()
+        except BaseException:  # e.g. the port is taken: nothing of ours keeps running
+            self.stop()
+            raise
         log.info("node %s listening on %s:%d, model %s %s", self.cfg.node.ae_title,
                  self.cfg.node.bind_address, self.port, self.classifier.metadata.name,
                  self.classifier.metadata.version)
@@ -253,44 +212,19 @@ class Node:
         return n
 
     def _start_scp(self) -> None:
-        ae = AE(ae_title=self.cfg.node.ae_title)
-        ae.maximum_pdu_size = self.cfg.node.max_pdu
-        ae.maximum_associations = self.cfg.node.max_associations
-        ae.acse_timeout = self.cfg.node.acse_timeout
-        ae.dimse_timeout = self.cfg.node.dimse_timeout
-        ae.network_timeout = self.cfg.node.network_timeout
-        syntaxes = accepted_transfer_syntaxes()
-        for uid in (NM_IMAGE_STORAGE, SC_IMAGE_STORAGE):
-            ae.add_supported_context(uid, syntaxes)
-        ae.add_supported_context(VERIFICATION)
-        ctx = StoreContext(files=self.files, db=self.db,
-                           patient_secret=patient_secret(self.cfg.storage_root),
-                           on_complete=lambda _uid: self._work.set(),
-                           min_free_bytes=self.cfg.min_free_bytes)
-        handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [ctx]),
-                    (evt.EVT_REQUESTED, self._on_requested),
-                    (evt.EVT_REJECTED, handle_rejected), (evt.EVT_ACCEPTED, handle_accepted)]
-        server = tls.start_scp(ae, (self.cfg.node.bind_address, self.cfg.node.port), handlers,
-                               tls.server_context(self.cfg), self.cfg.node.acse_timeout)
-        self._server = server
-        self.port = int(server.server_address[1])
+        """The receiver: a process of its own ([node].receiver_process) or threads here."""
+        if self.cfg.node.receiver_process:
+            self._receiver = ReceiverProcess(self.cfg, on_complete=self._work.set).start()
+            self.port = self._receiver.port
+            return
+        self._server = start_scp(self.cfg, self.files, self.db,
+                                 on_complete=lambda _uid: self._work.set())
+        self.port = int(self._server.server_address[1])
 
-    def _on_requested(self, event: Event) -> None:
-        """Calling-AE allowlist with optional host pinning; refusals are logged with why."""
-        rules = self.cfg.caller_rules
-        if not rules:
-            return
-        primitive = event.assoc.requestor.primitive
-        calling = str(getattr(primitive, "calling_ae_title", "")).strip()
-        address = str(event.assoc.requestor.address)
-        if any(rule.allows(calling, address) for rule in rules):
-            return
-        why = ("AE title allowed only from another host" if any(r.ae_title == calling
-                                                                 for r in rules)
-               else "AE title not listed")
-        log.warning("refused association from AE %s at %s: not in [node].allowed_callers (%s)",
-                    calling, address, why)
-        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+    @property
+    def receiver_pid(self) -> int | None:
+        """The receiver process's id (None when receiving in threads of this process)."""
+        return self._receiver.pid if self._receiver is not None else None
 
     def _start_health(self) -> None:
         """The HTTP health endpoint, when [health].port is set."""
@@ -303,8 +237,11 @@ class Node:
     def health(self) -> health.Report:
         """Queue depth, dead letters, disk headroom and the model served (GET /health)."""
         m = self.current_classifier().metadata
-        return health.health_report(self.db, self.cfg,
-                                    health.ModelSummary(m.name, m.version, m.weights_sha256))
+        report = health.health_report(self.db, self.cfg,
+                                      health.ModelSummary(m.name, m.version, m.weights_sha256))
+        if self._receiver is not None:
+            health.add_receiver(report, self._receiver.alive(), self._receiver.restarts)
+        return report
 
     def stop(self) -> None:
         """Stop accepting, let threads finish their current item, close the database."""
@@ -314,6 +251,9 @@ class Node:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self._receiver is not None:
+            self._receiver.stop()
+            self._receiver = None
         self._stop.set()
         self._work.set()
         self._export.set()

@@ -5,6 +5,7 @@ builds the SR and queues its export — result and export row in one transaction
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +13,8 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread
 
-from model.classifier import Classifier, StudyPrediction, trim_memory
+from model.classifier import Classifier, StudyPrediction
+from model.memory import trim_memory
 from node.dicom_io import extract_views
 from node.scp import redacted
 from node.sr import Classification, DeviceInfo, ModelInfo, SourceFrame, build_sr, encode_sr
@@ -29,6 +31,7 @@ from storage.queue import (
 
 log = logging.getLogger(__name__)
 
+WORKER_NICENESS = 5  # classification runs at nice +5: under CPU pressure the receiver goes first
 PHANTOM_WARNING = "model trained on simulated phantoms: research use only, not for diagnosis"
 
 
@@ -119,9 +122,22 @@ def run_once(ctx: WorkerContext, worker_id: str) -> bool:
     return True
 
 
+def lower_priority(increment: int = WORKER_NICENESS) -> int | None:
+    """Make the calling thread (and the torch threads it starts, which inherit it) yield the
+    CPU to the receiver: a camera waits for each C-STORE answer, a classification can wait a
+    few milliseconds. On Linux nice() applies to the calling thread only. Returns the new
+    niceness, None where the OS refuses or has no such call."""
+    try:
+        return os.nice(increment)
+    except (OSError, AttributeError):
+        return None
+
+
 def run_forever(ctx: WorkerContext, worker_id: str, wake: threading.Event,
                 stop: threading.Event, idle_seconds: float = 1.0) -> None:
-    """Loop until stopped; woken early when a study completes."""
+    """Loop until stopped, below the receiver's CPU priority; woken early when a study
+    completes."""
+    lower_priority()
     while not stop.is_set():
         try:
             busy = run_once(ctx, worker_id)

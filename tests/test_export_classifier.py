@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from model.classes import CLASS_NAMES
 from model.classifier import (
     OPTIMIZED,
+    SERVING_BATCH,
     SERVING_TOLERANCE,
     TORCHSCRIPT,
     Classifier,
@@ -119,6 +120,20 @@ def test_classifier_combines_views_by_mean(untrained_model: Path) -> None:
     assert [pred.probabilities[n] for n in CLASS_NAMES] == pytest.approx(list(expected))
     assert sum(pred.probabilities.values()) == pytest.approx(1.0)
     assert pred.predicted_class == CLASS_NAMES[int(np.argmax(expected))]
+
+
+def test_many_views_are_classified_in_bounded_batches(untrained_model: Path) -> None:
+    """A study of many instances goes through in batches of SERVING_BATCH (bounded memory):
+    every image gets the probabilities it gets alone, in order, none lost at a boundary."""
+    clf = Classifier(untrained_model)
+    rng = np.random.default_rng(1)
+    images = [rng.poisson(3 + i, (1024, 256)).astype(np.uint16)
+              for i in range(2 * SERVING_BATCH + 1)]
+    together = clf.predict_images(images)
+    alone = np.concatenate([clf.predict_images([img]) for img in images])
+    assert together.shape == (len(images), len(CLASS_NAMES))
+    assert np.abs(together - alone).max() < 1e-5
+    assert clf.predict_images([]).shape == (0, len(CLASS_NAMES))
 
 
 def test_classifier_on_real_ge_scan(untrained_model: Path, realdata: Path) -> None:
@@ -292,7 +307,7 @@ def test_glibc_allocator_controls_take_effect() -> None:
     """The node caps malloc arenas and trims after each study; on glibc both must really run
     (a False here means the node silently keeps its larger footprint). A fresh process, so
     this test's own allocator stays untouched."""
-    code = ("from model.classifier import trim_memory, tune_malloc\n"
+    code = ("from model.memory import trim_memory, tune_malloc\n"
             "print(tune_malloc(), trim_memory(collect=False))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, cwd=Path(__file__).resolve().parents[1])

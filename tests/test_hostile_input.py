@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import Dataset
 
-from bench.common import NodeProc, echo_ok, free_port, rss_mib, write_config
+from bench.common import NodeProc, echo_ok, free_port, process_tree, tree_rss_mib, write_config
 from bench.soak import expected_answer, node_sections
 from node import hostile
 from node.dicom_io import is_valid_uid
@@ -38,7 +38,8 @@ class Served:
     root: Path
     base: Dataset
     workdir: Path
-    baseline_rss_mib: float
+    baseline_rss_mib: float  # the node's processes, summed
+    receiver_pid: int  # a hostile input that crashed the receiver would show as a new pid
     tried: list[str] = field(default_factory=list)
     log_offset: int = 0
 
@@ -69,8 +70,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, untrained_model: Path
     node.start()
     time.sleep(0.5)
     assert node.proc is not None
+    tree = process_tree(node.proc.pid)
+    assert len(tree) == 2, "the node receives in a process of its own"
     s = Served(node, tmp / "node", hostile.base_dataset(7), tmp / "work",
-               rss_mib(node.proc.pid, "VmRSS"))
+               sum(tree_rss_mib(node.proc.pid)), tree[1])
     try:
         with hostile.raw_sending():
             yield s
@@ -168,7 +171,9 @@ def test_zz_still_serving_memory_bounded_no_phi(served: Served) -> None:
         _check(served, case)
     assert echo_ok(served.node.port)
     assert served.node.proc is not None
-    peak = rss_mib(served.node.proc.pid, "VmHWM")
+    assert process_tree(served.node.proc.pid)[1:] == [served.receiver_pid], \
+        "the receiver process was restarted: an input crashed it"
+    peak = sum(tree_rss_mib(served.node.proc.pid, "VmHWM"))
     growth = peak - served.baseline_rss_mib
     log_text = served.node.log_path.read_text(errors="replace")
     print(f"\n{len(served.tried)} hostile inputs tried; node RSS {served.baseline_rss_mib:.0f} "

@@ -31,9 +31,11 @@ CALLER = "TEST_CAMERA"
 
 def node_config(root: Path, model: Path, pacs_port: int, **overrides: dict[str, object]
                 ) -> Config:
-    """A node on a port the OS picks, storing under root, sending to a local PACS."""
+    """A node on a port the OS picks, storing under root, sending to a local PACS. It receives
+    in threads of the test's process, so caplog sees the handlers' log lines; the receiver
+    process has its own tests (test_receiver_process.py) and the interop tests use it."""
     sections: dict[str, dict[str, object]] = {
-        "node": {"port": 0},
+        "node": {"port": 0, "receiver_process": False},
         "pacs": {"ae_title": "TEST_PACS", "host": "127.0.0.1", "port": pacs_port},
         "storage": {"root": str(root)}, "model": {"path": str(model)},
         "completion": {"quiet_seconds": 1.0, "sweep_seconds": 0.2},

@@ -57,7 +57,7 @@ def _sections(root: Path, model: Path, pacs_port: int, **overrides: dict[str, ob
               ) -> dict[str, dict[str, object]]:
     """As tests/test_node_e2e.node_config, as TOML sections (the CLI reads the same file)."""
     sections: dict[str, dict[str, object]] = {
-        "node": {"port": 0},
+        "node": {"port": 0, "receiver_process": False},  # caplog sees the handlers (see there)
         "pacs": {"ae_title": "TEST_PACS", "host": "127.0.0.1", "port": pacs_port},
         "storage": {"root": str(root)}, "model": {"path": str(model)},
         "completion": {"quiet_seconds": 600.0, "sweep_seconds": 0.2},

@@ -1,0 +1,329 @@
+"""The DICOM receiver (C-ECHO/C-STORE SCP), in its own process by default.
+
+Why a process of its own: admitting an instance (parse, checks, durable write, queue row) and
+classifying a study (decode, inference, SR build and encode) are both CPU-bound Python. In one
+process they take turns on one GIL, so a study being classified slows every C-STORE of a
+camera sending at the same moment (py-spy: worker 38 % of the GIL during ingest). In two
+processes they run on two cores. The receiver process never loads torch or the model.
+
+Parent and child talk over pipes, nothing else: the parent writes the validated configuration
+(JSON, one line) to the child's stdin and keeps stdin open; the child answers
+``listening <port>`` once its socket is bound and ``complete <study UID>`` whenever a study
+becomes complete, on stdout. Closing the child's stdin asks it to stop (it finishes the
+associations in progress); if the parent dies, the kernel kills the child (PR_SET_PDEATHSIG),
+so no receiver outlives its node and a restarted node can bind the port at once. A receiver
+that exits on its own is restarted on the same port by the parent's supervisor thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import IO, Any
+
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.transport import ThreadedAssociationServer
+
+from model.memory import libc_function, tune_malloc
+from node import tls
+from node.config import CallerRule, Config, config_from_dict, config_to_dict, with_overrides
+from node.dicom_io import NM_IMAGE_STORAGE, SC_IMAGE_STORAGE
+from node.scp import (
+    RedactedTracebacks,
+    StoreContext,
+    handle_accepted,
+    handle_echo,
+    handle_rejected,
+    handle_store,
+)
+from node.transfer_syntaxes import accepted_transfer_syntaxes
+from storage.db import Database
+from storage.filestore import FileStore
+
+log = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
+START_TIMEOUT = 60.0  # seconds for a receiver process to bind its port
+STOP_TIMEOUT = 60.0  # seconds for associations in progress to finish on stop
+RESTART_BACKOFF = (1.0, 30.0)  # first and largest delay before restarting a dead receiver
+BIND_RETRY_SECONDS = 5.0  # a killed receiver's socket may take a moment to go
+# the child's entry point: imported, not run as __main__, so its logger is "node.receiver"
+CHILD_ENTRY = "import sys; from node.receiver import serve_child; " \
+              "sys.exit(serve_child(sys.stdin, sys.stdout))"
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+# Loggers that quote element values (a name typed into a UID field, say) and the most they may
+# say: pynetdicom.utils reports "non-conformant" UIDs with their value at WARNING/ERROR, and
+# pynetdicom's DEBUG/INFO dumps print request fields. No PHI in logs, at any level.
+VALUE_QUOTING_LOGGERS = {"pydicom": logging.CRITICAL, "highdicom": logging.CRITICAL,
+                         "pynetdicom.utils": logging.CRITICAL, "pynetdicom": logging.WARNING}
+
+
+def keep_phi_out_of_logs() -> None:
+    """Cap the loggers above and ignore pydicom's and highdicom's warnings (idempotent); the
+    node's own refusal reasons say what was wrong without quoting values."""
+    for name, level in VALUE_QUOTING_LOGGERS.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(max(level, logger.level))
+    for name in ("pydicom", "highdicom"):
+        warnings.filterwarnings("ignore", module=rf"{name}(\..*)?")
+    ours = [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)
+            if n.split(".")[0] in ("node", "storage", "model")]
+    for logger in ours:  # tracebacks quote exception messages, and those may quote values
+        if not any(isinstance(f, RedactedTracebacks) for f in logger.filters):
+            logger.addFilter(RedactedTracebacks())
+
+
+def patient_secret(root: Path) -> bytes:
+    """Per-installation key for patient fingerprints (never stored with the data it hides)."""
+    path = root / "patient-key.secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process of this node made it first
+            return _read_secret(path)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+            fh.flush()
+            os.fsync(fh.fileno())
+    return _read_secret(path)
+
+
+def _read_secret(path: Path, wait_seconds: float = 5.0) -> bytes:
+    """The key, once its writer has finished (an empty key is never used)."""
+    deadline = time.monotonic() + wait_seconds
+    while not (data := path.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not data:
+        raise RuntimeError(f"{path} is empty")
+    return data
+
+
+def check_caller(rules: tuple[CallerRule, ...], event: Event) -> None:
+    """Calling-AE allowlist with optional host pinning; refusals are logged with why."""
+    if not rules:
+        return
+    primitive = event.assoc.requestor.primitive
+    calling = str(getattr(primitive, "calling_ae_title", "")).strip()
+    address = str(event.assoc.requestor.address)
+    if any(rule.allows(calling, address) for rule in rules):
+        return
+    why = ("AE title allowed only from another host" if any(r.ae_title == calling for r in rules)
+           else "AE title not listed")
+    log.warning("refused association from AE %s at %s: not in [node].allowed_callers (%s)",
+                calling, address, why)
+    event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+
+def start_scp(cfg: Config, files: FileStore, db: Database,
+              on_complete: Callable[[str], None]) -> ThreadedAssociationServer:
+    """The C-ECHO/C-STORE SCP, serving in background threads of this process."""
+    ae = AE(ae_title=cfg.node.ae_title)
+    ae.maximum_pdu_size = cfg.node.max_pdu
+    ae.maximum_associations = cfg.node.max_associations
+    ae.acse_timeout = cfg.node.acse_timeout
+    ae.dimse_timeout = cfg.node.dimse_timeout
+    ae.network_timeout = cfg.node.network_timeout
+    syntaxes = accepted_transfer_syntaxes()
+    for uid in (NM_IMAGE_STORAGE, SC_IMAGE_STORAGE):
+        ae.add_supported_context(uid, syntaxes)
+    ae.add_supported_context(VERIFICATION)
+    ctx = StoreContext(files=files, db=db, patient_secret=patient_secret(cfg.storage_root),
+                       on_complete=on_complete, min_free_bytes=cfg.min_free_bytes)
+    handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [ctx]),
+                (evt.EVT_REQUESTED, partial(check_caller, cfg.caller_rules)),
+                (evt.EVT_REJECTED, handle_rejected), (evt.EVT_ACCEPTED, handle_accepted)]
+    return tls.start_scp(ae, (cfg.node.bind_address, cfg.node.port), handlers,
+                         tls.server_context(cfg), cfg.node.acse_timeout)
+
+
+class ReceiverStartError(RuntimeError):
+    """The receiver process exited before it could listen (bad TLS file, port taken, ...)."""
+
+
+@dataclass
+class ReceiverProcess:
+    """Parent side: starts the receiver process, relays its completions, restarts it if it
+    dies, stops it on request. `port` is the port it listens on once `start()` returned."""
+
+    cfg: Config
+    on_complete: Callable[[], None]
+    port: int = 0
+    restarts: int = 0
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _ready: threading.Event = field(default_factory=threading.Event, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
+    _failure: str | None = field(default=None, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    def start(self, timeout: float = START_TIMEOUT) -> ReceiverProcess:
+        """Launch and wait until it listens; ReceiverStartError if it cannot."""
+        self._thread = threading.Thread(target=self._supervise, name="receiver-supervisor",
+                                        daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise ReceiverStartError(f"receiver process did not listen within {timeout:.0f} s")
+        if self._failure is not None:
+            self.stop()
+            raise ReceiverStartError(self._failure)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        """The running receiver's process id, for monitoring."""
+        return self._proc.pid if self._proc is not None else None
+
+    def alive(self) -> bool:
+        """True while a receiver process runs."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def _launch(self) -> subprocess.Popen[bytes]:
+        """One receiver process, spawned from the supervisor thread (the kernel's parent-death
+        signal follows the thread that forked, and this one lives until stop)."""
+        cfg = with_overrides(self.cfg, node={"port": self.port}) if self.port else self.cfg
+        proc = subprocess.Popen([sys.executable, "-c", CHILD_ENTRY],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert proc.stdin is not None
+        message = {"config": config_to_dict(cfg), "base_dir": str(cfg.base_dir),
+                   "parent_pid": os.getpid()}
+        proc.stdin.write(json.dumps(message).encode() + b"\n")
+        proc.stdin.flush()
+        self._proc = proc
+        return proc
+
+    def _supervise(self) -> None:
+        """Run the receiver until stop; restart it (same port, growing delay) if it dies."""
+        delay = RESTART_BACKOFF[0]
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            proc = self._launch()
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                self._on_line(line.decode("ascii", "replace").split())
+            code = proc.wait()
+            if self._stopping.is_set():
+                return
+            if not self._ready.is_set():  # never listened: a configuration problem, not a crash
+                self._failure = f"receiver process exited with code {code} before listening"
+                self._ready.set()
+                return
+            if time.monotonic() - started > 60:
+                delay = RESTART_BACKOFF[0]
+            log.error("receiver process exited with code %s; restarting it on port %d in %.0f s",
+                      code, self.port, delay)
+            if self._stopping.wait(delay):
+                return
+            delay = min(delay * 2, RESTART_BACKOFF[1])
+            self.restarts += 1
+
+    def _on_line(self, words: list[str]) -> None:
+        """One message from the receiver."""
+        if len(words) == 2 and words[0] == "listening" and words[1].isdigit():
+            self.port = int(words[1])
+            self._ready.set()
+        elif words and words[0] == "complete":
+            self.on_complete()
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Ask the receiver to stop (it finishes associations in progress), then wait."""
+        self._stopping.set()
+        proc = self._proc
+        if proc is not None and proc.stdin is not None:
+            with contextlib.suppress(OSError):  # already gone
+                proc.stdin.close()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.error("receiver process did not stop within %.0f s; killing it", timeout)
+                proc.kill()
+                proc.wait()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+# --------------------------------------------------------------------------------------------
+# child side: serve_child (started by ReceiverProcess only, see CHILD_ENTRY)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to kill us when the parent dies (Linux); exit now if it already has."""
+    prctl = libc_function("prctl")
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        raise SystemExit(3)
+
+
+def _bind(cfg: Config, files: FileStore, db: Database, out: IO[str]
+          ) -> ThreadedAssociationServer:
+    """Start the SCP, retrying for a few seconds while the port is taken: the receiver of a
+    node killed a moment ago may still be on its way out. Longer, it is someone else's port."""
+    lock = threading.Lock()
+
+    def tell_parent(study_uid: str) -> None:
+        with lock:
+            out.write(f"complete {study_uid}\n")
+            out.flush()
+
+    deadline = time.monotonic() + BIND_RETRY_SECONDS
+    while True:
+        try:
+            return start_scp(cfg, files, db, tell_parent)
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("cannot bind port %d yet (%s); retrying", cfg.node.port, exc.strerror)
+            time.sleep(0.5)
+
+
+def serve_child(inp: IO[str], out: IO[str]) -> int:
+    """The receiver process: read the configuration, serve until stdin closes."""
+    message: dict[str, Any] = json.loads(inp.readline())
+    _die_with_parent(int(message["parent_pid"]))
+    cfg = config_from_dict(message["config"], base_dir=Path(message["base_dir"]))
+    from node.__main__ import setup_logging  # the CLI's logging set-up, shared
+    setup_logging(cfg.logging.level)
+    keep_phi_out_of_logs()
+    tune_malloc()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent decides: it closes stdin
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent too
+    files = FileStore(cfg.storage_root)
+    db = Database(cfg.database_url)
+    try:
+        server = _bind(cfg, files, db, out)
+    except OSError as exc:
+        log.error("receiver cannot listen on %s:%d: %s", cfg.node.bind_address, cfg.node.port,
+                  exc.strerror or exc)
+        return 2
+    port = int(server.server_address[1])
+    out.write(f"listening {port}\n")
+    out.flush()
+    log.info("receiver process %d listening on %s:%d", os.getpid(), cfg.node.bind_address, port)
+    inp.read()  # blocks until the parent closes stdin (or dies)
+    server.shutdown()
+    _finish_associations(server, STOP_TIMEOUT)
+    db.dispose()
+    return 0
+
+
+def _finish_associations(server: ThreadedAssociationServer, timeout: float) -> None:
+    """Let associations in progress end on their own (a C-STORE is answered) before exit."""
+    deadline = time.monotonic() + timeout
+    while server.ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+
