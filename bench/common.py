@@ -206,12 +206,13 @@ class NodeProc:
         return self.proc.returncode
 
 
-def start_bench_node(workdir: Path, model: Path, pacs_port: int, quiet_seconds: float = 120.0
-                     ) -> NodeProc:
-    """The node as deployed, for a benchmark: config.toml under workdir, a free port, started."""
+def start_bench_node(workdir: Path, model: Path, pacs_port: int, quiet_seconds: float = 120.0,
+                     receiver_process: bool = True) -> NodeProc:
+    """The node as deployed, for a benchmark: config.toml under workdir, a free port, started.
+    `receiver_process=False` runs the one-process variant ([node].receiver_process)."""
     port = free_port()
     cfg = write_config(workdir / "config.toml", {
-        "node": {"ae_title": NODE_AE, "port": port},
+        "node": {"ae_title": NODE_AE, "port": port, "receiver_process": receiver_process},
         "pacs": {"ae_title": "BENCH_PACS", "host": "127.0.0.1", "port": pacs_port},
         "storage": {"root": str(workdir / "node")},
         "model": {"path": str(model)},

@@ -99,13 +99,13 @@ def measure(name: str, pid: int, port: int, aet: str, files: list[Path], assocs:
                round(cpu / len(files) * 1000, 2), round(rss_mib(pid, "VmHWM"), 1))
 
 
-def measure_node(pid: int, port: int, files: list[Path], assocs: int) -> Row:
+def measure_node(name: str, pid: int, port: int, files: list[Path], assocs: int) -> Row:
     """As `measure`, over the node's processes: CPU summed, peaks per process and summed."""
     cpu0 = tree_cpu_seconds(pid)
     secs = send(files, port, assocs, "DSCINT")
     cpu = [(b - a) / len(files) * 1000 for a, b in zip(cpu0, tree_cpu_seconds(pid), strict=False)]
     peaks = tree_rss_mib(pid, "VmHWM")
-    return Row("dscint-node", assocs, len(files), round(secs, 3), round(len(files) / secs, 1),
+    return Row(name, assocs, len(files), round(secs, 3), round(len(files) / secs, 1),
                round(sum(cpu), 2), round(sum(peaks), 1), " + ".join(f"{p:.0f}" for p in peaks),
                " + ".join(f"{c:.1f}" for c in cpu))
 
@@ -131,20 +131,24 @@ def run_storescp(work: Path, files: list[Path], assocs: int) -> Row:
         proc.wait()
 
 
-def run_node(work: Path, model: Path, files: list[Path], assocs: int) -> Row:
-    """The node as deployed (separate process, classification running alongside)."""
+def run_node(work: Path, model: Path, files: list[Path], assocs: int, two_processes: bool
+             ) -> Row:
+    """The node as deployed (its own processes, classification running alongside): receiver
+    and classifier processes (the default), or both in one process."""
     pacs = PacsStandIn(ae_title="BENCH_PACS")
     pacs.start()
-    nwork = work / f"node-{assocs}"
+    nwork = work / f"node-{assocs}-{int(two_processes)}"
     nwork.mkdir()
-    node = start_bench_node(nwork, model, pacs.port)
+    node = start_bench_node(nwork, model, pacs.port, receiver_process=two_processes)
     try:
-        return measure_node(node.pid, node.port, files, assocs)
+        return measure_node(NODE_2P if two_processes else NODE_1P, node.pid, node.port, files,
+                            assocs)
     finally:
         node.stop()
         pacs.stop()
 
 
+NODE_2P, NODE_1P = "node 2 procs", "node 1 proc"
 STAGES = ("parse", "header checks", "decode check", "views + patient key", "durable write",
           "durable queue row")
 
@@ -220,12 +224,15 @@ def main() -> None:
         rows: list[Row] = []
         for assocs in (1, 4):
             rows.append(run_storescp(work, files, assocs))
-            rows.append(run_node(work, model, files, assocs))
+            rows.append(run_node(work, model, files, assocs, two_processes=True))
+            rows.append(run_node(work, model, files, assocs, two_processes=False))
         stages = stage_profile(work, files[: min(len(files), 100)])
     print(f"{args.files} files of {files and 1.0:.1f} MiB pixel data, {args.studies} studies; "
           "receivers on 127.0.0.1; TCP_NODELAY=1 for DCMTK")
     print(f"{'receiver':<16}{'assocs':>7}{'files/s':>9}{'cpu ms/file':>13}{'peak RSS MiB':>14}"
           f"{'node/storescp':>15}  by process (classifier + receiver): cpu ms/file; peak MiB")
+    print(f"({NODE_2P}: receiver and classifier processes, the default; {NODE_1P}: "
+          "[node].receiver_process = false)")
     ref = {r.associations: r.files_per_s for r in rows if r.receiver == "dcmtk storescp"}
     for r in rows:
         ratio = f"{r.files_per_s / ref[r.associations]:.2f}" if r.receiver != "dcmtk storescp" \

@@ -46,6 +46,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--studies", type=int, default=100)
     ap.add_argument("--layout", default="multiframe", choices=[x.value for x in DicomLayout])
+    ap.add_argument("--one-process", action="store_true",
+                    help="receive in the classifier's process ([node].receiver_process = false)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="dscint-latency-") as tmp:
@@ -54,7 +56,7 @@ def main() -> None:
         model = export_untrained(work / "model.pt")
         pacs = PacsStandIn(ae_title="BENCH_PACS")
         pacs.start()
-        node = start_bench_node(work, model, pacs.port)
+        node = start_bench_node(work, model, pacs.port, receiver_process=not args.one_process)
         dest = Destination("DSCINT", "127.0.0.1", node.port)
         try:
             time.sleep(2.0)
@@ -76,6 +78,7 @@ def main() -> None:
             node.stop()
             pacs.stop()
     result = {"studies": len(latencies), "layout": args.layout,
+              "processes": 1 if args.one_process else 2,
               "p50_s": round(statistics.median(latencies), 3),
               "p99_s": round(percentile(latencies, 99), 3),
               "max_s": round(max(latencies), 3), "rss_idle_mib": round(sum(idle), 1),

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 
-from highdicom.enum import SpecificCharacterSetValues
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 from pynetdicom.events import Event
@@ -41,7 +40,17 @@ CANNOT_UNDERSTAND = 0xC000
 PATIENT_CONFLICT = 0xC001  # study UID already used for another patient
 BAD_PIXEL_MODULE = 0xC013  # as node.dicom_io's STATUS_BAD_PIXEL_MODULE
 MAX_RESCALE = 1e20  # 16-bit counts times this stay far below float32's 3.4e38
-DEFINED_CHARSETS = frozenset(v.value for v in SpecificCharacterSetValues)  # PS3.3 C.12.1.1.2
+# Specific Character Set defined terms (PS3.3 C.12.1.1.2) that the SR builder (highdicom) can
+# copy; spelled out so the receiver process need not import highdicom (19 MiB). A test keeps
+# it equal to highdicom's SpecificCharacterSetValues.
+DEFINED_CHARSETS = frozenset({
+    "ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 126", "ISO_IR 127",
+    "ISO_IR 13", "ISO_IR 138", "ISO_IR 144", "ISO_IR 148", "ISO_IR 166", "ISO_IR 192",
+    "ISO_IR 203", "ISO 2022 IR 6", "ISO 2022 IR 100", "ISO 2022 IR 101", "ISO 2022 IR 109",
+    "ISO 2022 IR 110", "ISO 2022 IR 126", "ISO 2022 IR 127", "ISO 2022 IR 13",
+    "ISO 2022 IR 138", "ISO 2022 IR 144", "ISO 2022 IR 148", "ISO 2022 IR 166",
+    "ISO 2022 IR 203", "ISO 2022 IR 58", "ISO 2022 IR 87", "ISO 2022 IR 159", "GB18030", "GBK",
+})
 # pydicom quotes element values in its messages ('DOE^JOHN' typed into a UID field, say)
 _QUOTED = re.compile(r"""b?'[^']*'?|b?"[^"]*"?""")
 # A-ASSOCIATE-RJ (result, source, diagnostic) that pynetdicom itself sends, in words

@@ -163,13 +163,22 @@ def test_the_receiver_dies_with_its_node_and_a_restart_gets_the_port(
     assert log.count("listening on 127.0.0.1") >= 2
 
 
-def test_the_receiver_module_imports_without_torch() -> None:
-    """Import-level guard: what node.receiver pulls in must stay torch-free."""
+def test_the_receiver_module_imports_without_torch_or_highdicom() -> None:
+    """Import-level guard: what node.receiver pulls in stays torch- and highdicom-free (they
+    are 213 and 19 MiB the receiver process has no use for)."""
     import subprocess
-    code = "import sys, node.receiver; print('torch' in sys.modules)"
+    code = "import sys, node.receiver; print('torch' in sys.modules, 'highdicom' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False False"
+
+
+def test_the_receivers_character_sets_are_those_the_sr_builder_takes() -> None:
+    """The receiver refuses what highdicom could not copy into the SR, without importing it."""
+    from highdicom.enum import SpecificCharacterSetValues
+
+    from node.scp import DEFINED_CHARSETS
+    assert {v.value for v in SpecificCharacterSetValues} == DEFINED_CHARSETS
 
 
 def _nice(pid: int, tid: int) -> int:

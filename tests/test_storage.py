@@ -262,6 +262,14 @@ def test_claim_sql_uses_skip_locked_on_postgresql_only() -> None:
     assert "FOR UPDATE" not in lite and "RETURNING" in lite
 
 
+def test_instance_rows_are_locked_on_postgresql() -> None:
+    """Several receivers on one PostgreSQL: the study and instance rows a C-STORE updates
+    are read FOR UPDATE there (SQLite serialises writers with BEGIN IMMEDIATE instead)."""
+    for stmt in (queue._SELECT_STUDY, queue._SELECT_INSTANCE):
+        assert "FOR UPDATE" in str(stmt.compile(dialect=postgresql.dialect()))
+        assert "FOR UPDATE" not in str(stmt.compile(dialect=sqlite.dialect()))
+
+
 # --- instances and studies -----------------------------------------------------------------
 
 
