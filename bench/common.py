@@ -206,6 +206,17 @@ class NodeProc:
         return self.proc.returncode
 
 
+def export_model(path: Path) -> Path:
+    """The untrained full-size test model, exported in a child process: the benchmark process
+    itself never loads torch, so the node is the only process mapping libtorch, as deployed
+    (pages shared with another process would count in both RSS figures and could not be
+    released by the node)."""
+    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                    "from tests.conftest import export_untrained; "
+                    "export_untrained(Path(sys.argv[1]))", str(path)], cwd=REPO, check=True)
+    return path
+
+
 def start_bench_node(workdir: Path, model: Path, pacs_port: int, quiet_seconds: float = 120.0,
                      receiver_process: bool = True) -> NodeProc:
     """The node as deployed, for a benchmark: config.toml under workdir, a free port, started.

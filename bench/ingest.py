@@ -24,6 +24,7 @@ from pydicom.uid import generate_uid
 from bench.common import (
     cpu_seconds,
     dcmtk_env,
+    export_model,
     free_port,
     rss_mib,
     start_bench_node,
@@ -39,7 +40,6 @@ from node.pacs_standin import PacsStandIn
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.queue import InstanceRecord, record_instance
-from tests.conftest import export_untrained
 
 
 @dataclass
@@ -220,7 +220,7 @@ def main() -> None:
         work = Path(tmp)
         (work / "files").mkdir()
         files = make_files(work / "files", args.files, args.studies)
-        model = export_untrained(work / "model.pt")
+        model = export_model(work / "model.pt")
         rows: list[Row] = []
         for assocs in (1, 4):
             rows.append(run_storescp(work, files, assocs))

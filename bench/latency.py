@@ -18,14 +18,13 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from bench.common import start_bench_node, tree_rss_mib
+from bench.common import export_model, start_bench_node, tree_rss_mib
 from model.classes import CLASS_NAMES
 from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
 from node.modality import send_paths
 from node.pacs_standin import PacsStandIn
 from node.scu import Destination
-from tests.conftest import export_untrained
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -53,7 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dscint-latency-") as tmp:
         work = Path(tmp)
         studies = prepare(work, args.studies, DicomLayout(args.layout))
-        model = export_untrained(work / "model.pt")
+        model = export_model(work / "model.pt")
         pacs = PacsStandIn(ae_title="BENCH_PACS")
         pacs.start()
         node = start_bench_node(work, model, pacs.port, receiver_process=not args.one_process)

@@ -41,7 +41,7 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 from pynetdicom import AE
 
-from bench.common import NODE_AE, NodeProc, free_port, write_config
+from bench.common import NODE_AE, NodeProc, export_model, free_port, write_config
 from model.classes import CLASS_NAMES
 from model.phantom_dicom import DicomLayout, study_datasets
 from model.phantoms import generate_study
@@ -487,12 +487,6 @@ def _fill(report: TrialReport, node: NodeProc, ledger: Ledger, tally: HostileTal
 
 
 # --- the command ---------------------------------------------------------------------------
-
-
-def export_model(path: Path) -> Path:
-    """An untrained full-size Dscint exported as the node loads it (as tests/conftest.py)."""
-    from tests.conftest import export_untrained
-    return export_untrained(path)
 
 
 def trials(args: argparse.Namespace, workdir: Path) -> Iterator[TrialReport]:

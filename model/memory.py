@@ -1,4 +1,5 @@
-"""Allocator settings and trimming for long-running processes (glibc; no-ops elsewhere).
+"""Allocator settings, trimming and resident-page hygiene for long-running processes (glibc and
+Linux; no-ops elsewhere).
 
 Torch-free on purpose: the node's receiver process uses it without loading torch.
 """
@@ -9,10 +10,12 @@ import ctypes
 import functools
 import gc
 from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
 M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # glibc mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 256 * 1024
+MADV_PAGEOUT = 21  # linux/mman.h, Linux >= 5.4
 
 
 @functools.cache
@@ -56,3 +59,49 @@ def trim_memory(collect: bool = True) -> bool:
         return False
     trim(0)
     return True
+
+
+@functools.cache
+def _madvise() -> Callable[[int, int, int], int] | None:
+    """libc madvise with its real argument types (a pointer does not fit a C int)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int, int, int], int], fn)
+
+
+def release_library_pages(maps: str = "/proc/self/maps") -> int:
+    """Hand the resident pages of read-only shared-library mappings back to the kernel
+    (madvise MADV_PAGEOUT); returns the bytes of mappings advised, 0 where unsupported.
+
+    Why: importing torch runs its operator registration, touching ~90 MiB of libtorch code that
+    is never run again; those clean, file-backed pages stay resident and count in RSS. Paged
+    out, what inference does use faults back in from the page cache (measured: 439 -> 327 MiB,
+    352 after five studies). Nothing writable or anonymous is touched: heap, weights and
+    buffers stay as they are, so this changes what is resident, not what is correct.
+    """
+    madvise = _madvise()
+    if madvise is None:
+        return 0
+    try:
+        lines = Path(maps).read_text(encoding="ascii", errors="replace").splitlines()
+    except OSError:
+        return 0
+    advised = 0
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or "w" in fields[1] or not _is_shared_object(fields[5]):
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if madvise(start, end - start, MADV_PAGEOUT) != 0:  # EINVAL: kernel before 5.4
+            return advised
+        advised += end - start
+    return advised
+
+
+def _is_shared_object(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return path.startswith("/") and (name.endswith(".so") or ".so." in name)

@@ -38,7 +38,7 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from model.memory import libc_function, tune_malloc
+from model.memory import libc_function, release_library_pages, tune_malloc
 from node import tls
 from node.config import CallerRule, Config, config_from_dict, config_to_dict, with_overrides
 from node.dicom_io import NM_IMAGE_STORAGE, SC_IMAGE_STORAGE
@@ -167,6 +167,7 @@ class ReceiverProcess:
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _ready: threading.Event = field(default_factory=threading.Event, repr=False)
     _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
+    _listening: threading.Event = field(default_factory=threading.Event, repr=False)
     _failure: str | None = field(default=None, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
@@ -189,8 +190,9 @@ class ReceiverProcess:
         return self._proc.pid if self._proc is not None else None
 
     def alive(self) -> bool:
-        """True while a receiver process runs."""
-        return self._proc is not None and self._proc.poll() is None
+        """True while a receiver process listens (from its `listening` line until its
+        stdout closes; Popen.poll would answer None while the supervisor waits on it)."""
+        return self._listening.is_set()
 
     def _launch(self) -> subprocess.Popen[bytes]:
         """One receiver process, spawned from the supervisor thread (the kernel's parent-death
@@ -215,6 +217,7 @@ class ReceiverProcess:
             assert proc.stdout is not None
             for line in proc.stdout:
                 self._on_line(line.decode("ascii", "replace").split())
+            self._listening.clear()  # stdout closed: the process has ended (or is ending)
             code = proc.wait()
             if self._stopping.is_set():
                 return
@@ -235,6 +238,7 @@ class ReceiverProcess:
         """One message from the receiver."""
         if len(words) == 2 and words[0] == "listening" and words[1].isdigit():
             self.port = int(words[1])
+            self._listening.set()
             self._ready.set()
         elif words and words[0] == "complete":
             self.on_complete()
@@ -313,6 +317,7 @@ def serve_child(inp: IO[str], out: IO[str]) -> int:
     port = int(server.server_address[1])
     out.write(f"listening {port}\n")
     out.flush()
+    release_library_pages()  # start-up code of numpy, pydicom, sqlite: not needed again
     log.info("receiver process %d listening on %s:%d", os.getpid(), cfg.node.bind_address, port)
     inp.read()  # blocks until the parent closes stdin (or dies)
     server.shutdown()

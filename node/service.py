@@ -15,7 +15,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from model.classifier import Classifier
 from model.export import ModelFileError
-from model.memory import trim_memory, tune_malloc
+from model.memory import release_library_pages, trim_memory, tune_malloc
 from node import exporter, health, housekeeping, tls, worker
 from node.config import Config
 from node.dicom_io import ACCEPTED_SOP_CLASSES
@@ -77,11 +77,13 @@ class Node:
         self.db.create_all()
         slim_highdicom_tables(ACCEPTED_SOP_CLASSES)  # before the model: a lower memory peak
         trim_memory()
+        release_library_pages()  # torch's start-up code, before the model: a lower peak too
         try:
             self.classifier, self.model_version = self._initial_classifier()
         except BaseException:
             self.db.dispose()
             raise
+        release_library_pages()  # what loading and checking the model ran once
 
     def _initial_classifier(self) -> tuple[Classifier, str | None]:
         """The registry's serving version if there is one that loads, else [model].path."""

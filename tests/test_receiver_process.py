@@ -91,7 +91,9 @@ def test_a_killed_receiver_is_restarted_on_the_same_port(proc_node: Node, pacs: 
     port = proc_node.port
     os.kill(old, signal.SIGKILL)
     assert _gone(old)
-    down = proc_node.health()  # restarted after a 1 s pause: this is inside it
+    deadline = time.monotonic() + 0.8  # it is restarted after a 1 s pause: look inside it
+    while (down := proc_node.health())["receiver"]["alive"] and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert down["receiver"] == {"alive": False, "restarts": 0}
     assert down["status"] == "degraded" and "receiver process not running" in down["problems"][0]
     deadline = time.monotonic() + 30
