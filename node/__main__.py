@@ -76,8 +76,9 @@ def _cmd_resend(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from node.demo import run_demo
     cfg = load_config(args.config) if args.config else None
-    setup_logging("WARNING" if not args.verbose else "INFO")
-    return run_demo(cfg, n_per_class=args.per_class, workdir=args.workdir)
+    level = "INFO" if args.verbose else "WARNING"
+    setup_logging(level)
+    return run_demo(cfg, n_per_class=args.per_class, workdir=args.workdir, log_level=level)
 
 
 def _cmd_phantoms(args: argparse.Namespace) -> int:

@@ -105,9 +105,10 @@ def _table(sent: list[SentStudy]) -> Table:
     return t
 
 
-def run_demo(cfg: Config | None = None, n_per_class: int = 2, workdir: Path | None = None
-             ) -> int:
-    """Run the loop; exit code 0 when every study got its SR."""
+def run_demo(cfg: Config | None = None, n_per_class: int = 2, workdir: Path | None = None,
+             log_level: str = "WARNING") -> int:
+    """Run the loop; exit code 0 when every study got its SR. `log_level` is also the
+    receiver process's (it sets up its own logging from the node's configuration)."""
     console = Console(width=120)
     workdir = workdir or Path(tempfile.mkdtemp(prefix="dscint-demo-"))
     console.print(f"[bold]dscint-node demo[/bold] in {workdir}\n{DISCLAIMER}")
@@ -119,7 +120,8 @@ def run_demo(cfg: Config | None = None, n_per_class: int = 2, workdir: Path | No
         pacs={"ae_title": "DEMO_PACS", "host": "127.0.0.1", "port": pacs.port},
         storage={"root": str(workdir / "node")}, model={"path": str(model_path)},
         completion={"quiet_seconds": 10.0, "sweep_seconds": 1.0},
-        export={"backoff_base_seconds": 1.0, "backoff_cap_seconds": 5.0})
+        export={"backoff_base_seconds": 1.0, "backoff_cap_seconds": 5.0},
+        logging={"level": log_level})
     try:
         with Node(node_cfg) as node:
             console.print(f"node DSCINT on 127.0.0.1:{node.port}, PACS stand-in DEMO_PACS on "
