@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"
 START_TIMEOUT = 60.0  # seconds for a receiver process to bind its port
 STOP_TIMEOUT = 60.0  # seconds for associations in progress to finish on stop
+NOTHING_IN_PROGRESS_TIMEOUT = 2.0  # stopping a receiver that never listened
 RESTART_BACKOFF = (1.0, 30.0)  # first and largest delay before restarting a dead receiver
 BIND_RETRY_SECONDS = 5.0  # a killed receiver's socket may take a moment to go
 # the child's entry point: imported, not run as __main__, so its logger is "node.receiver"
@@ -164,6 +165,7 @@ class ReceiverProcess:
     on_complete: Callable[[], None]
     port: int = 0
     restarts: int = 0
+    entry: str = CHILD_ENTRY  # the child's `python -c` program (tests give a misbehaving one)
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _ready: threading.Event = field(default_factory=threading.Event, repr=False)
     _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -177,10 +179,10 @@ class ReceiverProcess:
                                         daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
-            self.stop()
+            self.stop(timeout=NOTHING_IN_PROGRESS_TIMEOUT)  # no association to finish yet
             raise ReceiverStartError(f"receiver process did not listen within {timeout:.0f} s")
         if self._failure is not None:
-            self.stop()
+            self.stop(timeout=NOTHING_IN_PROGRESS_TIMEOUT)
             raise ReceiverStartError(self._failure)
         return self
 
@@ -198,7 +200,7 @@ class ReceiverProcess:
         """One receiver process, spawned from the supervisor thread (the kernel's parent-death
         signal follows the thread that forked, and this one lives until stop)."""
         cfg = with_overrides(self.cfg, node={"port": self.port}) if self.port else self.cfg
-        proc = subprocess.Popen([sys.executable, "-c", CHILD_ENTRY],
+        proc = subprocess.Popen([sys.executable, "-c", self.entry],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert proc.stdin is not None
         message = {"config": config_to_dict(cfg), "base_dir": str(cfg.base_dir),

@@ -21,7 +21,7 @@ from model.phantoms import generate_study
 from node.health import metrics_text
 from node.modality import send_paths
 from node.pacs_standin import PacsStandIn
-from node.receiver import ReceiverStartError
+from node.receiver import ReceiverProcess, ReceiverStartError
 from node.scu import Destination
 from node.service import Node
 from node.worker import WORKER_NICENESS
@@ -203,3 +203,42 @@ def test_classification_runs_below_the_receivers_priority(proc_node: Node, pacs:
     assert receiver is not None
     tids = [int(t.name) for t in Path(f"/proc/{receiver}/task").iterdir()]
     assert {_nice(receiver, t) for t in tids} == {base}
+
+
+# --- the parent's side when the child misbehaves ---------------------------------------------
+
+_SILENT = "import time; time.sleep(60)"  # never listens
+_DEAF = ("import sys, time; sys.stdin.readline(); print('listening 1', flush=True); "
+         "time.sleep(60)")  # listens, then ignores the request to stop
+
+
+def _receiver(tmp_path: Path, untrained_model: Path, entry: str) -> ReceiverProcess:
+    cfg = _process_config(tmp_path / "node", untrained_model, 104)
+    return ReceiverProcess(cfg, on_complete=lambda: None, entry=entry)  # type: ignore[arg-type]
+
+
+def test_a_receiver_that_never_listens_fails_start_up(tmp_path: Path,
+                                                      untrained_model: Path) -> None:
+    receiver = _receiver(tmp_path, untrained_model, _SILENT)
+    with pytest.raises(ReceiverStartError, match="did not listen within 1 s"):
+        receiver.start(timeout=1.0)
+    assert receiver.pid is not None and _gone(receiver.pid)  # not left behind
+
+
+def test_a_receiver_that_ignores_stop_is_killed(tmp_path: Path, untrained_model: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    receiver = _receiver(tmp_path, untrained_model, _DEAF).start(timeout=30)
+    assert receiver.alive() and receiver.port == 1
+    receiver.stop(timeout=1.0)
+    assert receiver.pid is not None and _gone(receiver.pid)
+    assert "receiver process did not stop within 1 s; killing it" in caplog.text
+
+
+def test_unknown_lines_from_the_receiver_are_ignored(tmp_path: Path,
+                                                     untrained_model: Path) -> None:
+    completions: list[int] = []
+    receiver = _receiver(tmp_path, untrained_model, _SILENT)
+    receiver.on_complete = lambda: completions.append(1)
+    for words in (["listening", "x"], ["hello"], [], ["listening"], ["complete", "1.2.3"]):
+        receiver._on_line(words)
+    assert completions == [1] and receiver.port == 0 and not receiver.alive()
