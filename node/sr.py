@@ -382,6 +382,9 @@ def _copyable(elem: DataElement) -> DataElement | None:
             return None
         elem.value = term
         return elem
+    if elem.keyword == "SpecificCharacterSet":
+        elem.value = _explicit_first_charset(value)
+        return elem
     parse = _DATE_TIME_TYPES.get(str(elem.VR))
     try:
         if parse is not None:
@@ -389,6 +392,17 @@ def _copyable(elem: DataElement) -> DataElement | None:
     except (TypeError, ValueError, OverflowError):
         return None
     return elem
+
+
+def _explicit_first_charset(value: object) -> object:
+    """"\\ISO 2022 IR 87" (Japanese cameras write it so) means ISO 2022 IR 6 first (PS3.3
+    C.12.1.1.2); highdicom accepts only the explicit term, and would fail the study."""
+    if isinstance(value, str | bytes) or not value:
+        return value
+    terms = [str(t).strip() for t in value]  # type: ignore[attr-defined]
+    if len(terms) > 1 and not terms[0]:
+        terms[0] = "ISO 2022 IR 6"
+    return terms
 
 
 def _identifiers(ds: Dataset) -> Dataset:

@@ -179,6 +179,23 @@ def test_late_instance_is_recorded_not_lost(tmp_path: Path, node: Node,
     assert len(pacs.by_study()[uid]) == 1  # no second SR for a late instance
 
 
+def test_japanese_character_set_study_gets_its_sr(tmp_path: Path, node: Node,
+                                                  pacs: PacsStandIn) -> None:
+    """A camera writing Specific Character Set "\\ISO 2022 IR 87" (empty first value) and a
+    name in Kanji: admitted, classified, and the SR carries the name (it used to fail the
+    study in the SR builder)."""
+    path = write_study(generate_study("normal", seed=78), tmp_path / "out",
+                       DicomLayout.MULTIFRAME)[0]
+    ds = dcmread(path)
+    ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    ds.PatientName = "Yamada^Tarou=山田^太郎"
+    ds.save_as(path)
+    assert send_paths([path], _dest(node), CALLER) == [0]
+    sr = _sr_for(pacs, str(ds.StudyInstanceUID))
+    assert str(sr.PatientName) == "Yamada^Tarou=山田^太郎"
+    assert list(sr.SpecificCharacterSet) == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
+
+
 def test_two_workers_never_classify_a_study_twice(tmp_path: Path, untrained_model: Path,
                                                   pacs: PacsStandIn) -> None:
     cfg = node_config(tmp_path / "node", untrained_model, pacs.port,

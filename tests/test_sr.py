@@ -323,6 +323,17 @@ def test_unicode_patient_name_keeps_its_character_set() -> None:
     assert str(back.PatientName) == "Müller^Jürgen"
 
 
+def test_code_extensions_with_an_empty_first_term_build_and_keep_the_name() -> None:
+    """"\\ISO 2022 IR 87", as Japanese cameras send it: the empty first value is ISO 2022
+    IR 6 by definition (PS3.3 C.12.1.1.2), written out so highdicom takes it."""
+    src = nm_multiframe()
+    src.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    src.PatientName = "Yamada^Tarou=山田^太郎"
+    back = roundtrip(build_sr([src], nm_frames(src), result(), model(), DEVICE, now=NOW))
+    assert list(back.SpecificCharacterSet) == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
+    assert str(back.PatientName) == "Yamada^Tarou=山田^太郎"
+
+
 def test_sparse_source_header_still_builds() -> None:
     src = nm_multiframe()
     for keyword in ("AccessionNumber", "ReferringPhysicianName", "StudyID", "PatientBirthDate",
