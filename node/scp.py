@@ -40,16 +40,17 @@ CANNOT_UNDERSTAND = 0xC000
 PATIENT_CONFLICT = 0xC001  # study UID already used for another patient
 BAD_PIXEL_MODULE = 0xC013  # as node.dicom_io's STATUS_BAD_PIXEL_MODULE
 MAX_RESCALE = 1e20  # 16-bit counts times this stay far below float32's 3.4e38
-# Specific Character Set defined terms (PS3.3 C.12.1.1.2) that the SR builder (highdicom) can
-# copy; spelled out so the receiver process need not import highdicom (19 MiB). A test keeps
-# it equal to highdicom's SpecificCharacterSetValues.
+# Specific Character Set defined terms (PS3.3 C.12.1.1.2, Tables C.12-2 to C.12-5). Spelled
+# out so the receiver process need not import highdicom (19 MiB); the SR is written in the
+# source's set where highdicom can write it, else in UTF-8 (node.sr.sr_character_set).
 DEFINED_CHARSETS = frozenset({
     "ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 126", "ISO_IR 127",
     "ISO_IR 13", "ISO_IR 138", "ISO_IR 144", "ISO_IR 148", "ISO_IR 166", "ISO_IR 192",
     "ISO_IR 203", "ISO 2022 IR 6", "ISO 2022 IR 100", "ISO 2022 IR 101", "ISO 2022 IR 109",
     "ISO 2022 IR 110", "ISO 2022 IR 126", "ISO 2022 IR 127", "ISO 2022 IR 13",
     "ISO 2022 IR 138", "ISO 2022 IR 144", "ISO 2022 IR 148", "ISO 2022 IR 166",
-    "ISO 2022 IR 203", "ISO 2022 IR 58", "ISO 2022 IR 87", "ISO 2022 IR 159", "GB18030", "GBK",
+    "ISO 2022 IR 203", "ISO 2022 IR 58", "ISO 2022 IR 87", "ISO 2022 IR 159",
+    "ISO 2022 IR 149", "GB18030", "GBK",
 })
 # pydicom quotes element values in its messages ('DOE^JOHN' typed into a UID field, say)
 _QUOTED = re.compile(r"""b?'[^']*'?|b?"[^"]*"?""")
@@ -235,8 +236,8 @@ def _rescale_rejection(ds: Dataset) -> Rejection | None:
 
 
 def _charset_rejection(ds: Dataset) -> Rejection | None:
-    """Specific Character Set terms DICOM does not define: the text cannot be trusted and the
-    SR (which copies the term) could not be built. The value itself is never echoed."""
+    """Specific Character Set terms DICOM does not define: the text (names, IDs the SR
+    copies) cannot be decoded with confidence. The value itself is never echoed."""
     value = ds.get("SpecificCharacterSet")
     terms = [value] if isinstance(value, str | bytes) else list(value or [])
     unknown = [t for t in terms if str(t).strip() and str(t).strip() not in DEFINED_CHARSETS]

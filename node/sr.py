@@ -40,6 +40,7 @@ from datetime import datetime
 from io import BytesIO
 
 import pydicom
+from highdicom.enum import SpecificCharacterSetValues
 from highdicom.sr import (
     AlgorithmIdentification,
     CodeContentItem,
@@ -86,6 +87,9 @@ _REQUIRED_STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "Pat
 _COPIED_KEYWORDS = ("SpecificCharacterSet", *_REQUIRED_STUDY_KEYWORDS, "IssuerOfPatientID",
                     "StudyDescription")
 _PATIENT_SEX_TERMS = frozenset({"M", "F", "O"})  # PS3.3 C.7.1.1 Patient's Sex
+_SR_CHARSETS = frozenset(v.value for v in SpecificCharacterSetValues)  # what highdicom writes
+_MULTI_BYTE_EXTENSIONS = frozenset({"ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149"})
+UTF8 = "ISO_IR 192"
 _DATE_TIME_TYPES: dict[str, type[DA] | type[TM] | type[DT]] = {"DA": DA, "TM": TM, "DT": DT}
 
 
@@ -383,7 +387,7 @@ def _copyable(elem: DataElement) -> DataElement | None:
         elem.value = term
         return elem
     if elem.keyword == "SpecificCharacterSet":
-        elem.value = _explicit_first_charset(value)
+        elem.value = sr_character_set(value)
         return elem
     parse = _DATE_TIME_TYPES.get(str(elem.VR))
     try:
@@ -394,15 +398,28 @@ def _copyable(elem: DataElement) -> DataElement | None:
     return elem
 
 
-def _explicit_first_charset(value: object) -> object:
-    """"\\ISO 2022 IR 87" (Japanese cameras write it so) means ISO 2022 IR 6 first (PS3.3
-    C.12.1.1.2); highdicom accepts only the explicit term, and would fail the study."""
-    if isinstance(value, str | bytes) or not value:
-        return value
-    terms = [str(t).strip() for t in value]  # type: ignore[attr-defined]
+def sr_character_set(value: object) -> str | list[str]:
+    """The Specific Character Set the SR is written in: the source's where highdicom can write
+    it, else UTF-8 (ISO_IR 192), which carries any name pydicom decoded from the source.
+
+    "\\ISO 2022 IR 87" (an empty first value, as Japanese cameras write it) means ISO 2022 IR 6
+    first (PS3.3 C.12.1.1.2) and is written so. highdicom refuses a lone code-extension term, a
+    multi-byte first term, mixed terms and ISO 2022 IR 149 (Korean, missing from its list):
+    each of those used to fail the study after the instances had been accepted.
+    """
+    terms = [str(value)] if isinstance(value, str | bytes) else [str(t) for t in value]  # type: ignore[attr-defined]
+    terms = [t.strip() for t in terms]
     if len(terms) > 1 and not terms[0]:
         terms[0] = "ISO 2022 IR 6"
-    return terms
+    extensions = [t.startswith("ISO 2022") for t in terms]
+    if len(terms) == 1:
+        writable = terms[0] in _SR_CHARSETS and not extensions[0]
+    else:
+        writable = all(t in _SR_CHARSETS for t in terms) and all(extensions) \
+            and terms[0] not in _MULTI_BYTE_EXTENSIONS
+    if not writable:
+        return UTF8
+    return terms[0] if len(terms) == 1 else terms
 
 
 def _identifiers(ds: Dataset) -> Dataset:

@@ -24,6 +24,7 @@ from pydicom.uid import generate_uid
 from model.classes import CLASS_NAMES, DscintClass
 from node.dicom_io import ACCEPTED_SOP_CLASSES
 from node.sr import (
+    UTF8,
     Classification,
     DeviceInfo,
     ModelInfo,
@@ -32,6 +33,7 @@ from node.sr import (
     encode_sr,
     read_result,
     slim_highdicom_tables,
+    sr_character_set,
     sr_uids,
 )
 
@@ -332,6 +334,30 @@ def test_code_extensions_with_an_empty_first_term_build_and_keep_the_name() -> N
     back = roundtrip(build_sr([src], nm_frames(src), result(), model(), DEVICE, now=NOW))
     assert list(back.SpecificCharacterSet) == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
     assert str(back.PatientName) == "Yamada^Tarou=山田^太郎"
+
+
+@pytest.mark.parametrize(("source", "written"), [
+    ("ISO_IR 100", "ISO_IR 100"),
+    ("ISO_IR 192", "ISO_IR 192"),
+    (["", "ISO 2022 IR 87"], ["ISO 2022 IR 6", "ISO 2022 IR 87"]),
+    (["ISO 2022 IR 6", "ISO 2022 IR 100"], ["ISO 2022 IR 6", "ISO 2022 IR 100"]),
+    ("ISO 2022 IR 100", UTF8),  # a lone code-extension term: highdicom refuses it
+    (["", "ISO 2022 IR 149"], UTF8),  # Korean: not in highdicom's list
+    (["ISO 2022 IR 87", "ISO 2022 IR 6"], UTF8),  # multi-byte first
+    (["ISO_IR 100", "ISO 2022 IR 87"], UTF8),  # extension and non-extension mixed
+])
+def test_sr_character_set_is_the_sources_where_writable_else_utf8(
+        source: object, written: object) -> None:
+    assert sr_character_set(source) == written
+
+
+def test_korean_source_gets_a_utf8_sr_with_the_name() -> None:
+    src = nm_multiframe()
+    src.SpecificCharacterSet = ["", "ISO 2022 IR 149"]
+    src.PatientName = "Hong^Gildong=洪^吉洞=홍^길동"
+    back = roundtrip(build_sr([src], nm_frames(src), result(), model(), DEVICE, now=NOW))
+    assert back.SpecificCharacterSet == UTF8
+    assert str(back.PatientName) == "Hong^Gildong=洪^吉洞=홍^길동"
 
 
 def test_sparse_source_header_still_builds() -> None:
