@@ -172,6 +172,7 @@ class ReceiverProcess:
     _listening: threading.Event = field(default_factory=threading.Event, repr=False)
     _failure: str | None = field(default=None, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # launch vs stop
 
     def start(self, timeout: float = START_TIMEOUT) -> ReceiverProcess:
         """Launch and wait until it listens; ReceiverStartError if it cannot."""
@@ -213,9 +214,12 @@ class ReceiverProcess:
     def _supervise(self) -> None:
         """Run the receiver until stop; restart it (same port, growing delay) if it dies."""
         delay = RESTART_BACKOFF[0]
-        while not self._stopping.is_set():
+        while True:
+            with self._lock:  # a stop() from now on sees this process and stops it
+                if self._stopping.is_set():
+                    return
+                proc = self._launch()
             started = time.monotonic()
-            proc = self._launch()
             assert proc.stdout is not None
             for line in proc.stdout:
                 self._on_line(line.decode("ascii", "replace").split())
@@ -247,8 +251,9 @@ class ReceiverProcess:
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Ask the receiver to stop (it finishes associations in progress), then wait."""
-        self._stopping.set()
-        proc = self._proc
+        with self._lock:  # no launch after this; one in progress has finished
+            self._stopping.set()
+            proc = self._proc
         if proc is not None and proc.stdin is not None:
             with contextlib.suppress(OSError):  # already gone
                 proc.stdin.close()
