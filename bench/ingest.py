@@ -22,7 +22,6 @@ from pathlib import Path
 from pydicom.uid import generate_uid
 
 from bench.common import (
-    cpu_seconds,
     dcmtk_env,
     export_model,
     free_port,
@@ -53,8 +52,8 @@ class Row:
     files_per_s: float
     cpu_ms_per_file: float
     peak_rss_mib: float
-    peaks_by_process: str = ""  # the node: classifier + receiver peaks, MiB
-    cpu_by_process: str = ""  # the node: classifier + receiver CPU ms per file
+    peaks_by_process: str = ""  # two processes: classifier + receiver peaks, MiB
+    cpu_by_process: str = ""  # two processes: classifier + receiver CPU ms per file
 
 
 def make_files(out: Path, n: int, studies: int) -> list[Path]:
@@ -91,23 +90,17 @@ def send(files: list[Path], port: int, associations: int, aet: str) -> float:
 
 
 def measure(name: str, pid: int, port: int, aet: str, files: list[Path], assocs: int) -> Row:
-    """CPU and wall time of one send, read from /proc of the receiver (one process)."""
-    cpu0 = cpu_seconds(pid)
-    secs = send(files, port, assocs, aet)
-    cpu = cpu_seconds(pid) - cpu0
-    return Row(name, assocs, len(files), round(secs, 3), round(len(files) / secs, 1),
-               round(cpu / len(files) * 1000, 2), round(rss_mib(pid, "VmHWM"), 1))
-
-
-def measure_node(name: str, pid: int, port: int, files: list[Path], assocs: int) -> Row:
-    """As `measure`, over the node's processes: CPU summed, peaks per process and summed."""
+    """CPU and wall time of one send, read from /proc of the receiver and its child processes
+    (the node's receiver): CPU summed, peaks summed, each process shown where there are two."""
     cpu0 = tree_cpu_seconds(pid)
-    secs = send(files, port, assocs, "DSCINT")
+    secs = send(files, port, assocs, aet)
     cpu = [(b - a) / len(files) * 1000 for a, b in zip(cpu0, tree_cpu_seconds(pid), strict=False)]
     peaks = tree_rss_mib(pid, "VmHWM")
+    split = len(peaks) > 1
     return Row(name, assocs, len(files), round(secs, 3), round(len(files) / secs, 1),
-               round(sum(cpu), 2), round(sum(peaks), 1), " + ".join(f"{p:.0f}" for p in peaks),
-               " + ".join(f"{c:.1f}" for c in cpu))
+               round(sum(cpu), 2), round(sum(peaks), 1),
+               " + ".join(f"{p:.0f}" for p in peaks) if split else "",
+               " + ".join(f"{c:.1f}" for c in cpu) if split else "")
 
 
 def run_storescp(work: Path, files: list[Path], assocs: int) -> Row:
@@ -123,8 +116,10 @@ def run_storescp(work: Path, files: list[Path], assocs: int) -> Row:
     try:
         wait_port(port)
         row = measure("dcmtk storescp", proc.pid, port, "STORESCP", files, assocs)
-        if assocs > 1:  # --fork: children did the work; count their CPU via the parent's cutime
+        if assocs > 1:  # --fork: children did the work and are gone; the parent's peak only
             row.cpu_ms_per_file = float("nan")
+            row.peak_rss_mib = round(rss_mib(proc.pid, "VmHWM"), 1)
+            row.cpu_by_process = row.peaks_by_process = ""
         return row
     finally:
         proc.terminate()
@@ -141,8 +136,8 @@ def run_node(work: Path, model: Path, files: list[Path], assocs: int, two_proces
     nwork.mkdir()
     node = start_bench_node(nwork, model, pacs.port, receiver_process=two_processes)
     try:
-        return measure_node(NODE_2P if two_processes else NODE_1P, node.pid, node.port, files,
-                            assocs)
+        return measure(NODE_2P if two_processes else NODE_1P, node.pid, node.port, "DSCINT",
+                       files, assocs)
     finally:
         node.stop()
         pacs.stop()
@@ -238,7 +233,8 @@ def main() -> None:
         ratio = f"{r.files_per_s / ref[r.associations]:.2f}" if r.receiver != "dcmtk storescp" \
             else ""
         print(f"{r.receiver:<16}{r.associations:>7}{r.files_per_s:>9}{r.cpu_ms_per_file:>13}"
-              f"{r.peak_rss_mib:>14}{ratio:>15}  {r.cpu_by_process}; {r.peaks_by_process}")
+              f"{r.peak_rss_mib:>14}{ratio:>15}  "
+              + (f"{r.cpu_by_process}; {r.peaks_by_process}" if r.cpu_by_process else ""))
     print_stages(stages, ref.get(1, 0.0))
     if args.json:
         args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "stages_ms": stages},

@@ -11,7 +11,7 @@ import functools
 import gc
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # glibc mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 256 * 1024
@@ -19,13 +19,16 @@ MADV_PAGEOUT = 21  # linux/mman.h, Linux >= 5.4
 
 
 @functools.cache
-def libc_function(name: str) -> Callable[..., int] | None:
-    """A glibc allocator function from the running process, or None where libc has none
-    (musl, macOS)."""
+def libc_function(name: str, argtypes: tuple[Any, ...] | None = None
+                  ) -> Callable[..., int] | None:
+    """A libc function of the running process returning an int, or None where libc has none
+    (musl, macOS). `argtypes` where an argument does not fit a C int (a pointer, a size)."""
     try:
         fn = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError, TypeError):
         return None
+    if argtypes is not None:
+        fn.argtypes = argtypes
     fn.restype = ctypes.c_int
     return cast(Callable[..., int], fn)
 
@@ -61,18 +64,6 @@ def trim_memory(collect: bool = True) -> bool:
     return True
 
 
-@functools.cache
-def _madvise() -> Callable[[int, int, int], int] | None:
-    """libc madvise with its real argument types (a pointer does not fit a C int)."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError, TypeError):
-        return None
-    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    fn.restype = ctypes.c_int
-    return cast(Callable[[int, int, int], int], fn)
-
-
 def release_library_pages(maps: str = "/proc/self/maps") -> int:
     """Hand the resident pages of read-only shared-library mappings back to the kernel
     (madvise MADV_PAGEOUT); returns the bytes of mappings advised, 0 where unsupported.
@@ -83,7 +74,7 @@ def release_library_pages(maps: str = "/proc/self/maps") -> int:
     352 after five studies). Nothing writable or anonymous is touched: heap, weights and
     buffers stay as they are, so this changes what is resident, not what is correct.
     """
-    madvise = _madvise()
+    madvise = libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
     if madvise is None:
         return 0
     try:

@@ -310,6 +310,7 @@ def _patient_mismatch(stored: str | None, incoming: str | None) -> bool:
 def _detach_from_study(conn: Connection, sop_uid: str, old_study: str, was_late: bool) -> None:
     """A SOP UID re-sent under another study: take it off the old study's counts and views."""
     log.warning("SOP %s re-sent under study different from %s; moving it", sop_uid, old_study)
+    conn.execute(_SELECT_STUDY, {"study_uid": old_study}).one()  # lock its row first, as before
     others = conn.execute(select(Instance.views).where(Instance.study_uid == old_study,
                                                        Instance.sop_uid != sop_uid)
                           ).scalars().all()
