@@ -125,7 +125,7 @@ def main() -> None:
         path = export_torchscript(eager, Path(tmp) / "m.pt", ModelMetadata(
             version="bench", weights_sha256="", training_data="random", trained_on_phantoms=True))
         scripted, _ = load_torchscript(path)
-        served = Classifier(path, threads=args.threads)
+        served = Classifier(path)
     variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "eager": eager, "torchscript": scripted, "served": served.module,
         "fc1 only": fc1_only(net)}

@@ -33,9 +33,11 @@ from bench.common import (
 )
 from model.phantom_dicom import DicomLayout, study_datasets
 from model.phantoms import generate_study
-from node import scp
-from node.dicom_io import check_dataset, decode_check, frame_views, patient_key
-from node.pacs_standin import PacsStandIn
+from node.demo.pacs_standin import PacsStandIn
+from node.dicom.admission import check_dataset, decode_check
+from node.dicom.identity import patient_key
+from node.dicom.views import frame_views
+from node.receive import handlers as scp
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.queue import InstanceRecord, record_instance

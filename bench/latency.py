@@ -22,9 +22,9 @@ from bench.common import export_model, start_bench_node, tree_rss_mib
 from model.classes import CLASS_NAMES
 from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
-from node.modality import send_paths
-from node.pacs_standin import PacsStandIn
-from node.scu import Destination
+from node.demo.modality import send_paths
+from node.demo.pacs_standin import PacsStandIn
+from node.export.scu import Destination
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -45,10 +45,11 @@ from bench.common import NODE_AE, NodeProc, export_model, free_port, write_confi
 from model.classes import CLASS_NAMES
 from model.phantom_dicom import DicomLayout, study_datasets
 from model.phantoms import generate_study
-from node import hostile
-from node.pacs_standin import PacsStandIn
-from node.scu import Destination
+from node.demo.pacs_standin import PacsStandIn
+from node.dicom.status import is_specific_refusal
+from node.export.scu import Destination
 from storage.db import Database, Instance, Result
+from tests.support import hostile
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +240,8 @@ def expected_answer(expect: hostile.Expect, status: int) -> bool:
     if expect is hostile.Expect.ACCEPT:
         return status == 0
     if expect is hostile.Expect.REFUSE:
-        return hostile.is_specific_refusal(status)
-    return status == 0 or hostile.is_specific_refusal(status)
+        return is_specific_refusal(status)
+    return status == 0 or is_specific_refusal(status)
 
 
 # --- checks --------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from model.export import (
     load_torchscript,
     torchscript_deprecation_silenced,
 )
-from model.memory import trim_memory
 from model.preprocess import mirror, preprocess_batch
 
 log = logging.getLogger(__name__)
@@ -172,15 +171,12 @@ class Classifier:
     refused (see `prepare_for_serving`); `optimize=False` serves the verified module as loaded.
     """
 
-    def __init__(self, path: Path, threads: int | None = None, optimize: bool = True) -> None:
-        if threads:
-            torch.set_num_threads(threads)
+    def __init__(self, path: Path, optimize: bool = True) -> None:
         self.path = path
         verified, self.meta = load_torchscript(path)
         self.module, self.serving, self.check_diff = prepare_for_serving(
             verified, self.meta, optimize)
-        del verified  # a frozen copy shares the weights it needs; the rest can go
-        trim_memory()
+        del verified  # a frozen copy shares the weights it needs; the caller may trim
         log.info("loaded model %s version %s sha256 %s (%s), serving %s", path.name,
                  self.meta.version, self.meta.weights_sha256[:12], self.meta.training_data,
                  self.serving)

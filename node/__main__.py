@@ -7,42 +7,32 @@ import logging
 import signal
 import sys
 import threading
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from node.config import ConfigError, load_config
+from node.logs import setup_logging
 
 log = logging.getLogger("node")
-
-
-def setup_logging(level: str) -> None:
-    """Configure logging once, here only. pydicom's own warnings can quote element values
-    (a name typed into a UID field, say), so they are kept out of the log: no PHI in logs."""
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("pynetdicom", "apscheduler"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    for value_quoting in ("pydicom", "highdicom", "pynetdicom.utils"):  # they quote values
-        logging.getLogger(value_quoting).setLevel(logging.CRITICAL)
-    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
-    warnings.filterwarnings("ignore", module=r"highdicom(\..*)?")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     setup_logging(cfg.logging.level)
     from model.export import ModelFileError
-    from node.service import Node
+    from node.service.node import Node
+    from node.service.startup import prepare_classifier_process, settle_after_model_load
+    prepare_classifier_process(cfg)
     try:
         node = Node(cfg)
     except ModelFileError as exc:
         log.error("cannot start: model %s: %s", cfg.model_path, exc)
         return 2
+    settle_after_model_load()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    from node.receiver import ReceiverStartError
+    from node.receive.process import ReceiverStartError
     try:
         node.start()
     except ReceiverStartError as exc:  # the receiver logged why (port in use, say)
@@ -57,7 +47,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    from node.status import print_status
+    from node.ops.status import print_status
     print_status(cfg)
     return 0
 
@@ -74,7 +64,7 @@ def _cmd_resend(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from node.demo import run_demo
+    from node.demo.run import run_demo
     cfg = load_config(args.config) if args.config else None
     level = "INFO" if args.verbose else "WARNING"
     setup_logging(level)
@@ -82,13 +72,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_phantoms(args: argparse.Namespace) -> int:
-    from node.tools import write_phantoms
+    from node.ops.phantoms import write_phantoms
     write_phantoms(args.out, args.per_class, args.seed, args.difficulty, args.layout)
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from node.tools import train_on_phantoms
+    from node.ops.phantoms import train_on_phantoms
     setup_logging("INFO")
     train_on_phantoms(args.out, patients=args.patients, epochs=args.epochs, seed=args.seed,
                       difficulty=args.difficulty, baseline=not args.no_baseline)
@@ -96,14 +86,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
-    from node.retrain import run_retrain
+    from node.ops.retrain import run_retrain
     cfg = load_config(args.config)
     setup_logging("INFO")
     return run_retrain(cfg, args)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from node.retrain import run_models
+    from node.ops.retrain import run_models
     cfg = load_config(args.config)
     return run_models(cfg, args)
 
@@ -137,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--difficulty", type=float, default=0.5)
     t.add_argument("--no-baseline", action="store_true")
-    from node.retrain import add_models_arguments, add_retrain_arguments
+    from node.ops.retrain import add_models_arguments, add_retrain_arguments
     add_retrain_arguments(sub.add_parser(
         "retrain", help="paper protocol on your data: report, registry, promotion"))
     add_models_arguments(sub.add_parser(

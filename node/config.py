@@ -57,7 +57,7 @@ class NodeSection:
     network_timeout: float = 60.0
     worker_threads: int = 1
     torch_threads: int = 2
-    receiver_process: bool = True  # the SCP in a process of its own (see node.receiver)
+    receiver_process: bool = True  # the SCP in a process of its own (see node.receive.process)
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ class RecordOutcome:
     new_study: bool
     duplicate: bool
     late: bool
-    study_state: str
+    study_state: StudyState
     has_anterior: bool
     has_posterior: bool
     patient_mismatch: bool
@@ -256,7 +256,8 @@ def _record(s: Session, rec: InstanceRecord, views: str, when: datetime) -> Reco
         if _patient_mismatch(key, rec.patient_key):
             log.warning("study %s: instance %s belongs to another patient; not recorded",
                         rec.study_uid, rec.sop_uid)
-            return RecordOutcome(new_study=False, duplicate=False, late=False, study_state=state,
+            return RecordOutcome(new_study=False, duplicate=False, late=False,
+                                 study_state=StudyState(state),
                                  has_anterior=ant, has_posterior=post, patient_mismatch=True)
     existing = conn.execute(_SELECT_INSTANCE, {"sop_uid": rec.sop_uid}).one_or_none()
     if existing is not None and existing.study_uid == rec.study_uid:
@@ -280,8 +281,8 @@ def _record(s: Session, rec: InstanceRecord, views: str, when: datetime) -> Reco
         "b_ant": ant, "b_post": post, "b_last": max(last, when),
         "b_key": rec.patient_key if key is None else key})  # the first known key binds it
     return RecordOutcome(new_study=row is None, duplicate=existing is not None, late=late,
-                         study_state=state, has_anterior=ant, has_posterior=post,
-                         patient_mismatch=False)
+                         study_state=StudyState(state), has_anterior=ant,
+                         has_posterior=post, patient_mismatch=False)
 
 
 _STUDIES = cast(Table, Study.__table__)
@@ -303,8 +304,17 @@ _UPDATE_STUDY = update(_STUDIES).where(_STUDIES.c.study_uid == bindparam("b_stud
 
 
 def _patient_mismatch(stored: str | None, incoming: str | None) -> bool:
-    """Only two known, different keys are a conflict (same rule as the SCP's pre-check)."""
+    """The one patient rule: only two known, different keys are a conflict."""
     return stored is not None and incoming is not None and stored != incoming
+
+
+def patient_conflict(db: Database, study_uid: str, patient_key: str | None) -> bool:
+    """Would an instance of this patient conflict with the study as stored? The receiver asks
+    before a re-sent SOP's file is replaced; record_instance asks again under the row lock."""
+    with db.read_session() as s:
+        stored = s.execute(select(Study.patient_key).where(Study.study_uid == study_uid)
+                           ).scalar_one_or_none()
+    return _patient_mismatch(stored, patient_key)
 
 
 def _detach_from_study(conn: Connection, sop_uid: str, old_study: str, was_late: bool) -> None:
@@ -321,21 +331,20 @@ def _detach_from_study(conn: Connection, sop_uid: str, old_study: str, was_late:
         has_anterior=ANTERIOR in present, has_posterior=POSTERIOR in present))
 
 
-def mark_complete(db: Database, study_uid: str, reason: str, now: datetime | None = None
-                  ) -> bool:
+def mark_complete(db: Database, study_uid: str, reason: CompletionReason,
+                  now: datetime | None = None) -> bool:
     """receiving -> complete plus one pending classify job; False if not receiving.
 
     The conditional UPDATE makes the transition happen once even when the SCP and the
     quiet sweep race, so exactly one job is created.
     """
-    reason = CompletionReason(reason).value
     when = _now(now)
     with db.session() as s, s.begin():
         res = s.execute(update(Study)
                         .where(Study.study_uid == study_uid,
                                Study.state == StudyState.RECEIVING.value)
                         .values(state=StudyState.COMPLETE.value, completed_at=when,
-                                completion_reason=reason)
+                                completion_reason=CompletionReason(reason).value)
                         .execution_options(**_NO_SYNC))
         if _rowcount(res) != 1:
             return False

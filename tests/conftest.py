@@ -10,7 +10,7 @@ import torch
 
 from model.dscint import Dscint, DscintProbabilities
 from model.export import ModelMetadata, export_torchscript
-from node.pacs_standin import PacsStandIn
+from node.demo.pacs_standin import PacsStandIn
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata" / "wg04-nm1"

@@ -23,13 +23,13 @@ from pynetdicom import AE, evt
 from model.classes import CLASS_NAMES
 from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
-from node import hostile
 from node.config import Config, ConfigError, config_from_dict, load_config
-from node.modality import echo, send_paths
-from node.pacs_standin import SR_CLASSES, VERIFICATION, PacsStandIn
-from node.scu import Destination
-from node.service import Node
+from node.demo.modality import echo, send_paths
+from node.demo.pacs_standin import SR_CLASSES, VERIFICATION, PacsStandIn
+from node.export.scu import Destination
+from node.service.node import Node
 from storage.queue import study_summaries
+from tests.support import hostile
 from tests.test_node_e2e import node_config
 
 CALLER = "TEST_CAMERA"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.soak import TrialPlan, phantom_pool, run_trial
-from node import hostile
+from tests.support import hostile
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from model.datasets import (
 )
 from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
-from node.retrain import DataSources, database_data, dicom_folder_data, load_data
+from node.ops.retrain import DataSources, database_data, dicom_folder_data, load_data
 from storage.db import Database
 from storage.queue import InstanceRecord, record_instance
 

@@ -1,4 +1,4 @@
-"""node.dicom_io: admission rules, views from headers, decoding of every transfer syntax the real
+"""node.dicom: admission rules, views from headers, decoding of every transfer syntax the real
 GE whole-body scan comes in (from files and from received bytes)."""
 
 from __future__ import annotations
@@ -34,36 +34,26 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from node.dicom_io import (
+from node.dicom.admission import check_dataset, decode_check
+from node.dicom.codes import (
     ACCEPTED_SOP_CLASSES,
     ANTERIOR_CODE,
     NM_IMAGE_STORAGE,
     POSTERIOR_CODE,
     SC_IMAGE_STORAGE,
-    STATUS_BAD_PIXEL_MODULE,
-    STATUS_BAD_UID,
-    STATUS_CANNOT_DECODE,
-    STATUS_DATASET_MISMATCH,
-    STATUS_NO_PIXEL_DATA,
-    STATUS_TOO_LARGE,
-    STATUS_UNSUPPORTED_PIXELS,
-    STATUS_UNSUPPORTED_SOP_CLASS,
+    View,
+)
+from node.dicom.identity import is_valid_uid, patient_key
+from node.dicom.pixels import (
     DecodeError,
     PixelGeometry,
-    Rejection,
-    View,
     _frame_from_bytes,
-    check_dataset,
-    decode_check,
     decode_frames,
     decode_with_gdcm,
-    extract_views,
-    frame_views,
-    is_valid_uid,
-    patient_key,
     transfer_syntax_decodable,
-    views_in_text,
 )
+from node.dicom.status import Rejection, Status
+from node.dicom.views import extract_views, frame_views, views_in_text
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "wg04-nm1"
 REAL_FILES = ("NM1_UNC", "NM1_RLE", "NM1_JPLL", "NM1_JPLY", "NM1_JLSL", "NM1_JLSN", "NM1_J2KR",
@@ -256,7 +246,7 @@ def test_real_ge_header_names_no_view() -> None:
 def test_real_scan_against_the_wrong_sop_class() -> None:
     ds = dcmread(_real("NM1_UNC"))
     rejection = check_dataset(ds, NM_IMAGE_STORAGE)
-    assert rejection is not None and rejection.status == STATUS_DATASET_MISMATCH
+    assert rejection is not None and rejection.status == Status.DATASET_MISMATCH
 
 
 def test_decode_timing_is_small(reference: np.ndarray) -> None:
@@ -504,26 +494,26 @@ def _compressed_but_native(ds: Dataset) -> None:
 
 
 REJECTIONS: list[tuple[Callable[[Dataset], None], set[int]]] = [
-    (_wrong_modality, {STATUS_DATASET_MISMATCH}),
-    (_no_sop_uid, {STATUS_BAD_UID}),
-    (_invalid_study_uid, {STATUS_BAD_UID}),
-    (_long_series_uid, {STATUS_BAD_UID}),
-    (_no_pixels, {STATUS_NO_PIXEL_DATA}),
-    (_short_pixels, {STATUS_BAD_PIXEL_MODULE}),
-    (_rows_mismatch, {STATUS_BAD_PIXEL_MODULE}),
-    (_frames_mismatch, {STATUS_BAD_PIXEL_MODULE}),
-    (_colour, {STATUS_UNSUPPORTED_PIXELS}),
-    (_float_pixels, {STATUS_UNSUPPORTED_PIXELS}),
-    (_bits_32, {STATUS_UNSUPPORTED_PIXELS}),
-    (_bits_1, {STATUS_UNSUPPORTED_PIXELS}),
-    (_memory_bomb, {STATUS_TOO_LARGE}),
-    (_too_many_frames, {STATUS_TOO_LARGE}),
-    (_unknown_syntax, {STATUS_CANNOT_DECODE}),
-    (_no_syntax, {STATUS_CANNOT_DECODE}),
-    (_missing_rows, {STATUS_BAD_PIXEL_MODULE}),
-    (_palette, {STATUS_UNSUPPORTED_PIXELS}),
-    (_bad_slope, {STATUS_BAD_PIXEL_MODULE}),
-    (_compressed_but_native, {STATUS_BAD_PIXEL_MODULE}),
+    (_wrong_modality, {Status.DATASET_MISMATCH}),
+    (_no_sop_uid, {Status.BAD_UID}),
+    (_invalid_study_uid, {Status.BAD_UID}),
+    (_long_series_uid, {Status.BAD_UID}),
+    (_no_pixels, {Status.NO_PIXEL_DATA}),
+    (_short_pixels, {Status.BAD_PIXEL_MODULE}),
+    (_rows_mismatch, {Status.BAD_PIXEL_MODULE}),
+    (_frames_mismatch, {Status.BAD_PIXEL_MODULE}),
+    (_colour, {Status.UNSUPPORTED_PIXELS}),
+    (_float_pixels, {Status.UNSUPPORTED_PIXELS}),
+    (_bits_32, {Status.UNSUPPORTED_PIXELS}),
+    (_bits_1, {Status.UNSUPPORTED_PIXELS}),
+    (_memory_bomb, {Status.TOO_LARGE}),
+    (_too_many_frames, {Status.TOO_LARGE}),
+    (_unknown_syntax, {Status.CANNOT_DECODE}),
+    (_no_syntax, {Status.CANNOT_DECODE}),
+    (_missing_rows, {Status.BAD_PIXEL_MODULE}),
+    (_palette, {Status.UNSUPPORTED_PIXELS}),
+    (_bad_slope, {Status.BAD_PIXEL_MODULE}),
+    (_compressed_but_native, {Status.BAD_PIXEL_MODULE}),
 ]
 
 
@@ -539,7 +529,7 @@ def test_each_rejection_path_has_its_status(breaker: Callable[[Dataset], None],
     assert rejection is not None and rejection.status in statuses, rejection
     assert rejection.reason
     assert "Doe" not in rejection.reason and "PID-1" not in rejection.reason
-    if rejection.status not in (STATUS_DATASET_MISMATCH, STATUS_BAD_UID):  # pixel problems
+    if rejection.status not in (Status.DATASET_MISMATCH, Status.BAD_UID):  # pixel problems
         # also stop decoding, whoever calls it
         assert decode_check(ds) is not None
         with pytest.raises(DecodeError):
@@ -549,21 +539,21 @@ def test_each_rejection_path_has_its_status(breaker: Callable[[Dataset], None],
 def test_sc_with_modality_ot_does_not_match() -> None:
     ds = nm_dataset(1, sop_class=SC_IMAGE_STORAGE, modality="OT")
     rejection = check_dataset(ds, SC_IMAGE_STORAGE)
-    assert rejection is not None and rejection.status == STATUS_DATASET_MISMATCH
+    assert rejection is not None and rejection.status == Status.DATASET_MISMATCH
     assert "OT" in rejection.reason
 
 
 def test_sop_class_of_dataset_must_match_the_request() -> None:
     ds = nm_dataset(1, sop_class=SC_IMAGE_STORAGE)
     rejection = check_dataset(ds, NM_IMAGE_STORAGE)
-    assert rejection is not None and rejection.status == STATUS_DATASET_MISMATCH
+    assert rejection is not None and rejection.status == Status.DATASET_MISMATCH
 
 
 def test_unsupported_sop_class() -> None:
     ct = "1.2.840.10008.5.1.4.1.1.2"
     ds = nm_dataset(1, sop_class=ct, modality="CT")
     rejection = check_dataset(ds, ct)
-    assert rejection is not None and rejection.status == STATUS_UNSUPPORTED_SOP_CLASS
+    assert rejection is not None and rejection.status == Status.UNSUPPORTED_SOP_CLASS
     assert ct not in ACCEPTED_SOP_CLASSES
 
 
@@ -572,7 +562,7 @@ def test_invalid_uid_is_not_echoed() -> None:
     ds = two_view_nm()
     ds.StudyInstanceUID = "Doe^John"
     rejection = check_dataset(ds)
-    assert rejection is not None and rejection.status == STATUS_BAD_UID
+    assert rejection is not None and rejection.status == Status.BAD_UID
     assert "Doe" not in rejection.reason
 
 
@@ -587,7 +577,7 @@ def test_memory_bomb_is_refused_without_allocating() -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert rejection is not None and rejection.status == STATUS_TOO_LARGE
+    assert rejection is not None and rejection.status == Status.TOO_LARGE
     assert peak < 5 * 2**20
 
 
@@ -629,7 +619,7 @@ def test_undecodable_compressed_data_answers_cannot_decode() -> None:
     ds["PixelData"].VR = "OB"
     assert check_dataset(ds) is None  # the header alone looks fine
     rejection = decode_check(ds)
-    assert rejection is not None and rejection.status == STATUS_CANNOT_DECODE
+    assert rejection is not None and rejection.status == Status.CANNOT_DECODE
     with pytest.raises(DecodeError):
         extract_views(ds)
 

@@ -34,9 +34,9 @@ from model.export import (
     load_torchscript,
     weights_sha256,
 )
-from model.memory import release_library_pages
 from model.phantoms import generate_study
 from model.preprocess import preprocess_batch
+from node.runtime import release_library_pages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -287,7 +287,8 @@ def mib(key):
             return int(line.split()[1]) / 1024
 before = mib("VmRSS")
 from model.classifier import Classifier
-Classifier(Path(sys.argv[1]), threads=2)
+torch.set_num_threads(2)
+Classifier(Path(sys.argv[1]))
 print(mib("VmHWM") - before)
 """
 
@@ -308,7 +309,7 @@ def test_glibc_allocator_controls_take_effect() -> None:
     """The node caps malloc arenas and trims after each study; on glibc both must really run
     (a False here means the node silently keeps its larger footprint). A fresh process, so
     this test's own allocator stays untouched."""
-    code = ("from model.memory import trim_memory, tune_malloc\n"
+    code = ("from node.runtime import trim_memory, tune_malloc\n"
             "print(tune_malloc(), trim_memory(collect=False))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, cwd=Path(__file__).resolve().parents[1])
@@ -331,7 +332,7 @@ with lib.open("rb") as fh:
     touched = sum(mapped[i] for i in range(0, len(mapped), 4096))  # every page resident
     x = torch.arange(12.0).reshape(3, 4)
     before = mib("RssFile")
-    from model.memory import release_library_pages
+    from node.runtime import release_library_pages
     advised = release_library_pages()
     after = mib("RssFile")
     print(advised, before, after, float((x @ x.T).sum()), touched)

@@ -18,11 +18,11 @@ from pydicom import Dataset
 
 from bench.common import NodeProc, echo_ok, free_port, process_tree, tree_rss_mib, write_config
 from bench.soak import expected_answer, node_sections
-from node import hostile
-from node.dicom_io import is_valid_uid
-from node.pacs_standin import PacsStandIn
-from node.scu import Destination
+from node.demo.pacs_standin import PacsStandIn
+from node.dicom.identity import is_valid_uid
+from node.export.scu import Destination
 from storage.db import Database, Instance
+from tests.support import hostile
 
 CALLER = "HOSTILE_CAM"
 EXAMPLES = settings(max_examples=20, deadline=None, derandomize=True, database=None,

@@ -20,11 +20,11 @@ from pydicom import dcmread
 from model.classes import DscintClass
 from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
+from node.classify.sr import read_result
 from node.config import Config
-from node.service import Node
-from node.sr import read_result
+from node.service.node import Node
 from storage.queue import StudySummary, study_summaries
-from tests.interop_helpers import (
+from tests.support.interop import (
     COMPREHENSIVE_3D_SR,
     REPO_ROOT,
     Orthanc,

@@ -17,12 +17,12 @@ from pydicom.uid import generate_uid
 from model.classes import CLASS_NAMES, DscintClass
 from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
+from node.classify.sr import read_result
 from node.config import Config, load_config, with_overrides
-from node.modality import echo, send_paths
-from node.pacs_standin import PacsStandIn
-from node.scu import Destination
-from node.service import Node
-from node.sr import read_result
+from node.demo.modality import echo, send_paths
+from node.demo.pacs_standin import PacsStandIn
+from node.export.scu import Destination
+from node.service.node import Node
 from storage.db import Job
 from storage.queue import queue_depth, study_summaries
 

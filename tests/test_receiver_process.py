@@ -18,13 +18,13 @@ import pytest
 from bench.common import NodeProc, echo_ok, free_port, process_tree, write_config
 from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
-from node.health import metrics_text
-from node.modality import send_paths
-from node.pacs_standin import PacsStandIn
-from node.receiver import ReceiverProcess, ReceiverStartError
-from node.scu import Destination
-from node.service import Node
-from node.worker import WORKER_NICENESS
+from node.classify.worker import WORKER_NICENESS
+from node.demo.modality import send_paths
+from node.demo.pacs_standin import PacsStandIn
+from node.export.scu import Destination
+from node.receive.process import ReceiverProcess, ReceiverStartError
+from node.service.health import metrics_text
+from node.service.node import Node
 from tests.test_node_e2e import _sr_for, node_config
 
 CALLER = "TEST_CAMERA"
@@ -166,10 +166,11 @@ def test_the_receiver_dies_with_its_node_and_a_restart_gets_the_port(
 
 
 def test_the_receiver_module_imports_without_torch_or_highdicom() -> None:
-    """Import-level guard: what node.receiver pulls in stays torch- and highdicom-free (they
+    """Import-level guard: what node.receive.process pulls in stays torch- and highdicom-free (they
     are 213 and 19 MiB the receiver process has no use for)."""
     import subprocess
-    code = "import sys, node.receiver; print('torch' in sys.modules, 'highdicom' in sys.modules)"
+    code = ("import sys, node.receive.process; "
+            "print('torch' in sys.modules, 'highdicom' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False False"
@@ -180,7 +181,7 @@ def test_the_receiver_admits_every_character_set_the_sr_builder_knows_and_korean
     DICOM terms it lacks (ISO 2022 IR 149, Korean): those SRs are written in UTF-8."""
     from highdicom.enum import SpecificCharacterSetValues
 
-    from node.scp import DEFINED_CHARSETS
+    from node.receive.handlers import DEFINED_CHARSETS
     assert {v.value for v in SpecificCharacterSetValues} <= DEFINED_CHARSETS
     assert "ISO 2022 IR 149" in DEFINED_CHARSETS
 

@@ -27,11 +27,11 @@ from model.classes import CLASS_NAMES
 from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
 from node.config import Config, StorageSection, load_config
-from node.housekeeping import housekeeping
-from node.modality import send_paths
-from node.pacs_standin import PacsStandIn
-from node.scu import Destination
-from node.service import Node
+from node.demo.modality import send_paths
+from node.demo.pacs_standin import PacsStandIn
+from node.export.scu import Destination
+from node.service.housekeeping import housekeeping
+from node.service.node import Node
 from storage.db import Database, Instance, Purge, Study
 from storage.filestore import FileStore
 from storage.queue import (

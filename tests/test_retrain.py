@@ -40,10 +40,10 @@ from model.split import patient_split
 from model.trainer import TABLE3_PROPORTIONS, TrainConfig, epoch_order, train_model
 from node.__main__ import main
 from node.config import load_config
-from node.modality import send_paths
-from node.pacs_standin import PacsStandIn
-from node.scu import Destination
-from node.service import Node
+from node.demo.modality import send_paths
+from node.demo.pacs_standin import PacsStandIn
+from node.export.scu import Destination
+from node.service.node import Node
 from storage.db import Database
 from storage.registry import list_models, serving_model
 

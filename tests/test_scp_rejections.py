@@ -15,10 +15,10 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from model.phantom_dicom import DicomLayout, study_datasets, write_study
 from model.phantoms import generate_study
-from node.modality import echo, send_paths
-from node.pacs_standin import PacsStandIn
-from node.scu import Destination
-from node.service import Node
+from node.demo.modality import echo, send_paths
+from node.demo.pacs_standin import PacsStandIn
+from node.export.scu import Destination
+from node.service.node import Node
 from tests.test_node_e2e import CALLER, node_config
 
 
@@ -106,7 +106,7 @@ def test_bad_input_gets_failure_status_log_and_quarantine(
     node, _ = served
     dest = Destination("DSCINT", "127.0.0.1", node.port)
     path = _save(breaker(_base()), tmp_path / "bad.dcm")
-    with caplog.at_level(logging.WARNING, logger="node.scp"):
+    with caplog.at_level(logging.WARNING, logger="node.receive.handlers"):
         status = send_paths([path], dest, CALLER)[0]
     assert status in statuses, f"{name}: got {status!r}"
     assert any("refused SOP" in r.getMessage() and f"0x{status:04X}" in r.getMessage()

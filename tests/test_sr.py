@@ -22,8 +22,7 @@ from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
 from model.classes import CLASS_NAMES, DscintClass
-from node.dicom_io import ACCEPTED_SOP_CLASSES
-from node.sr import (
+from node.classify.sr import (
     UTF8,
     Classification,
     DeviceInfo,
@@ -36,6 +35,7 @@ from node.sr import (
     sr_character_set,
     sr_uids,
 )
+from node.dicom.codes import ACCEPTED_SOP_CLASSES
 
 NM_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
@@ -377,13 +377,13 @@ def test_invalid_copied_value_is_left_empty_and_the_sr_still_builds(
     """A camera's invalid type-2 value must not cost the study its result."""
     src = nm_multiframe()
     setattr(src, keyword, bad)
-    with caplog.at_level(logging.WARNING, logger="node.sr"):
+    with caplog.at_level(logging.WARNING, logger="node.classify.sr"):
         back = roundtrip(build_sr([src], nm_frames(src), result(), model(), DEVICE, now=NOW))
     assert back[keyword].value in ("", None)
     assert back.PatientID == src.PatientID and str(back.PatientName) == str(src.PatientName)
     assert any(keyword in r.getMessage() and "left empty" in r.getMessage()
                for r in caplog.records)
-    ours = " ".join(r.getMessage() for r in caplog.records if r.name == "node.sr")
+    ours = " ".join(r.getMessage() for r in caplog.records if r.name == "node.classify.sr")
     assert bad not in ours  # the value itself is never logged (pydicom's own setattr warns)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pynetdicom import AE
 
-from node.scu import Destination
+from node.export.scu import Destination
 
 log = logging.getLogger(__name__)
 

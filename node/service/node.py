@@ -7,22 +7,24 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom.uid import generate_uid
 from pynetdicom.transport import ThreadedAssociationServer
 
 from model.classifier import Classifier
-from model.export import ModelFileError
-from model.memory import release_library_pages, trim_memory, tune_malloc
-from node import exporter, health, housekeeping, tls, worker
+from node import tls
+from node.classify import worker
+from node.classify.sr import DeviceInfo
 from node.config import Config
-from node.dicom_io import ACCEPTED_SOP_CLASSES
-from node.receiver import ReceiverProcess, keep_phi_out_of_logs, start_scp
-from node.scu import Destination
-from node.sr import DeviceInfo, slim_highdicom_tables
-from storage.db import Database
+from node.export import delivery as exporter
+from node.export.scu import Destination
+from node.logs import keep_phi_out_of_logs
+from node.receive.process import ReceiverProcess
+from node.receive.server import start_scp
+from node.service import health, housekeeping
+from node.service.models import ModelHolder
+from storage.db import CompletionReason, Database
 from storage.filestore import FileStore
 from storage.queue import (
     mark_complete,
@@ -30,12 +32,13 @@ from storage.queue import (
     release_stale_exports,
     studies_due_quiet,
 )
-from storage.registry import ModelRecord, serving_model
 
 log = logging.getLogger(__name__)
 
 SOFTWARE_VERSION = "0.1.0"
 STALE_CLAIM_SECONDS = 600.0
+
+
 def device_info(cfg: Config) -> DeviceInfo:
     """Stable identity of this node as the SR's device observer."""
     host = socket.gethostname()
@@ -53,10 +56,7 @@ class Node:
     model_check_seconds: float = 5.0  # how often the registry's serving version is checked
     db: Database = field(init=False)
     files: FileStore = field(init=False)
-    classifier: Classifier = field(init=False)
-    model_version: str | None = field(init=False, default=None)  # None: [model].path
-    _model_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
-    _failed_model: str | None = field(init=False, default=None)
+    models: ModelHolder = field(init=False)
     port: int = field(init=False, default=0)
     _server: ThreadedAssociationServer | None = field(init=False, default=None)
     _receiver: ReceiverProcess | None = field(init=False, default=None)
@@ -68,68 +68,36 @@ class Node:
     _health: health.HealthServer | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        """Open storage and load the model; a broken model (or TLS file) stops start-up here."""
-        tune_malloc()  # before any of our threads exist: memory, see its docstring
+        """Open storage and load the model; a broken model (or TLS file) stops start-up here.
+        Process-wide settings are not made here: see node.service.startup."""
         tls.server_context(self.cfg)  # a missing or bad PEM file raises ConfigError here
         tls.client_context(self.cfg)
         self.files = FileStore(self.cfg.storage_root)
         self.db = Database(self.cfg.database_url)
         self.db.create_all()
-        slim_highdicom_tables(ACCEPTED_SOP_CLASSES)  # before the model: a lower memory peak
-        trim_memory()
-        release_library_pages()  # torch's start-up code, before the model: a lower peak too
         try:
-            self.classifier, self.model_version = self._initial_classifier()
+            self.models = ModelHolder(self.db, self.cfg.model_path)
         except BaseException:
             self.db.dispose()
             raise
-        release_library_pages()  # what loading and checking the model ran once
 
-    def _initial_classifier(self) -> tuple[Classifier, str | None]:
-        """The registry's serving version if there is one that loads, else [model].path."""
-        rec = serving_model(self.db)
-        if rec is not None:
-            try:
-                return self._load_registered(rec), rec.version
-            except ModelFileError as exc:
-                log.error("registry model %s does not load (%s): serving [model].path %s",
-                          rec.version, exc, self.cfg.model_path)
-        return Classifier(self.cfg.model_path, threads=self.cfg.node.torch_threads), None
+    @property
+    def classifier(self) -> Classifier:
+        """The model serving now."""
+        return self.models.current()
 
-    def _load_registered(self, rec: ModelRecord) -> Classifier:
-        """Load and check fully (weights hash, dry run) before anything may use it."""
-        clf = Classifier(Path(rec.path), threads=self.cfg.node.torch_threads)
-        if clf.metadata.weights_sha256 != rec.weights_sha256:
-            raise ModelFileError(f"{rec.path}: weights differ from registry entry {rec.version}")
-        return clf
+    @property
+    def model_version(self) -> str | None:
+        """The registry version serving now; None for [model].path."""
+        return self.models.version
 
     def current_classifier(self) -> Classifier:
         """The model to use for the next study; a job keeps the one it started with."""
-        with self._model_lock:
-            return self.classifier
+        return self.models.current()
 
     def refresh_model(self) -> bool:
-        """Follow a promotion or rollback without restart: load the new model completely,
-        then swap the reference under the lock. True when the served model changed."""
-        try:
-            rec = serving_model(self.db)
-        except Exception:  # the scheduler must keep running
-            log.exception("model registry check failed")
-            return False
-        if rec is None or rec.version in (self.model_version, self._failed_model):
-            return False
-        try:
-            new = self._load_registered(rec)
-        except ModelFileError as exc:
-            log.error("cannot serve model %s: %s; keeping %s", rec.version, exc,
-                      self.classifier.metadata.version)
-            self._failed_model = rec.version
-            return False
-        with self._model_lock:
-            old, self.classifier, self.model_version = self.classifier, new, rec.version
-        log.info("now serving model %s %s (was %s)", new.metadata.name, rec.version,
-                 old.metadata.version)
-        return True
+        """Follow a promotion or rollback without restart (see ModelHolder.refresh)."""
+        return self.models.refresh()
 
     @property
     def worker_prefix(self) -> str:
@@ -201,7 +169,7 @@ class Node:
         n = 0
         try:
             for uid in studies_due_quiet(self.db, self.cfg.completion.quiet_seconds):
-                if mark_complete(self.db, uid, "quiet"):
+                if mark_complete(self.db, uid, CompletionReason.QUIET):
                     log.info("study %s complete after %.0f s without new instances (not both "
                              "views seen)", uid, self.cfg.completion.quiet_seconds)
                     n += 1

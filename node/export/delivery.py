@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from node.config import ExportSection
-from node.scu import Destination, SendOutcome, send_file
+from node.export.scu import Destination, SendOutcome, send_file
 from storage.db import Database
 from storage.queue import (
     ClaimedExport,

@@ -18,10 +18,10 @@ from pathlib import Path
 from pydicom import dcmread
 from pynetdicom import AE
 
+from node.dicom.status import Kind, kind_of
+
 log = logging.getLogger(__name__)
 
-_ACK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
-_PERMANENT_STATUSES = {0x0122, 0x0124}
 
 
 @dataclass(frozen=True)
@@ -50,18 +50,15 @@ class SendOutcome:
     permanent: bool
 
 
-def status_is_permanent(status: int) -> bool:
-    """True for failure statuses that retrying cannot fix."""
-    return status in _PERMANENT_STATUSES or (status >> 8) == 0xA9 or (status >> 12) == 0xC
-
-
 def classify_status(status: int) -> SendOutcome:
-    """Map a C-STORE response status onto acknowledged / transient / permanent."""
-    if status in _ACK_STATUSES:
+    """Map a C-STORE response status onto acknowledged / transient / permanent (the status
+    table in node.dicom.status decides)."""
+    kind = kind_of(status)
+    if kind is Kind.STORED:
         return SendOutcome(True, status, "", False)
-    perm = status_is_permanent(status)
-    kind = "refused (permanent)" if perm else "failed (transient)"
-    return SendOutcome(False, status, f"C-STORE {kind}: status 0x{status:04X}", perm)
+    perm = kind is Kind.PERMANENT
+    what = "refused (permanent)" if perm else "failed (transient)"
+    return SendOutcome(False, status, f"C-STORE {what}: status 0x{status:04X}", perm)
 
 
 def send_file(path: Path, dest: Destination, calling_ae: str, timeout: float = 30.0,

@@ -14,10 +14,10 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 
 from model.classifier import Classifier, StudyPrediction
-from model.memory import trim_memory
-from node.dicom_io import extract_views
-from node.scp import redacted
-from node.sr import Classification, DeviceInfo, ModelInfo, SourceFrame, build_sr, encode_sr
+from node.classify.sr import Classification, DeviceInfo, ModelInfo, SourceFrame, build_sr, encode_sr
+from node.dicom.views import extract_views
+from node.logs import redacted
+from node.runtime import trim_memory
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.queue import (

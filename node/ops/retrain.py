@@ -1,7 +1,7 @@
 """`python -m node retrain` and `python -m node models`: the paper's protocol on the user's data,
 a report folder, and the model registry with promotion and rollback.
 
-node/ joins the layers here: it reads DICOM (node.dicom_io) and the node's database (storage)
+node/ joins the layers here: it reads DICOM (node.dicom) and the node's database (storage)
 and hands plain arrays to model/, which trains, evaluates and writes the report; the registry
 (storage.registry) records every model and which one a running node serves.
 
@@ -32,7 +32,8 @@ from rich.table import Table
 from sqlalchemy import select
 
 from node.config import Config
-from node.dicom_io import DecodeError, extract_views
+from node.dicom.pixels import DecodeError
+from node.dicom.views import extract_views
 from storage.db import Database, Study
 from storage.queue import study_instances
 from storage.registry import (

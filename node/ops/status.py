@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from node.config import Config
-from node.health import health_report, summary_line
+from node.service.health import health_report, summary_line
 from storage.db import Database
 from storage.queue import queue_depth, study_summaries
 

@@ -47,6 +47,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
+    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -61,11 +62,10 @@ from pynetdicom import _config as pynetdicom_config
 
 from model.phantom_dicom import DicomLayout, study_datasets
 from model.phantoms import generate_study
-from node.scu import Destination
+from node.dicom.codes import NM_IMAGE_STORAGE, SC_IMAGE_STORAGE
+from node.export.scu import Destination
 
-NM_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
-SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+CT_IMAGE_STORAGE = str(CTImageStorage)
 UNKNOWN_TRANSFER_SYNTAX = "1.2.840.10008.1.2.4.999"
 # Header fields a mutation may hit, and the VRs a swap may give an element.
 PIXEL_FIELDS = ("Rows", "Columns", "NumberOfFrames", "BitsAllocated", "BitsStored", "HighBit",
@@ -580,9 +580,3 @@ def send_inputs(cases: Sequence[HostileInput], dest: Destination, calling_ae: st
     """Each input on its own association (a refusal never spoils the next one)."""
     with raw_sending():
         return [send_input(c, dest, calling_ae, workdir) for c in cases]
-
-
-def is_specific_refusal(status: int | None) -> bool:
-    """A failure status that names the problem: 0xA9xx or 0xCxxx (0xA700 would mean the
-    handler failed unexpectedly, or the disk is full)."""
-    return status is not None and ((status >> 8) == 0xA9 or (status >> 12) == 0xC)

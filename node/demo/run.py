@@ -21,11 +21,12 @@ from model.classes import CLASS_NAMES
 from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
 from node.config import Config, load_config, with_overrides
-from node.modality import send_paths
-from node.pacs_standin import PacsStandIn
-from node.scu import Destination
-from node.service import Node
-from node.tools import train_on_phantoms
+from node.demo.modality import send_paths
+from node.demo.pacs_standin import PacsStandIn
+from node.export.scu import Destination
+from node.ops.phantoms import train_on_phantoms
+from node.service.node import Node
+from node.service.startup import prepare_classifier_process
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def _collect(sent: list[SentStudy], pacs: PacsStandIn) -> None:
 
 def _read_sr(ds: object) -> tuple[str, str]:
     """Predicted class and probabilities as the SR states them."""
-    from node.sr import read_result
+    from node.classify.sr import read_result
     pred, probs = read_result(ds)  # type: ignore[arg-type]
     return pred, " ".join(f"{ABBREV[k]} {v:.2f}" for k, v in probs.items())
 
@@ -122,6 +123,7 @@ def run_demo(cfg: Config | None = None, n_per_class: int = 2, workdir: Path | No
         completion={"quiet_seconds": 10.0, "sweep_seconds": 1.0},
         export={"backoff_base_seconds": 1.0, "backoff_cap_seconds": 5.0},
         logging={"level": log_level})
+    prepare_classifier_process(node_cfg)
     try:
         with Node(node_cfg) as node:
             console.print(f"node DSCINT on 127.0.0.1:{node.port}, PACS stand-in DEMO_PACS on "

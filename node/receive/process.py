@@ -21,137 +21,36 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
-from pynetdicom import AE, evt
-from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from model.memory import libc_function, release_library_pages, tune_malloc
-from node import tls
-from node.config import CallerRule, Config, config_from_dict, config_to_dict, with_overrides
-from node.dicom_io import NM_IMAGE_STORAGE, SC_IMAGE_STORAGE
-from node.scp import (
-    RedactedTracebacks,
-    StoreContext,
-    handle_accepted,
-    handle_echo,
-    handle_rejected,
-    handle_store,
-)
-from node.transfer_syntaxes import accepted_transfer_syntaxes
+from node.config import Config, config_from_dict, config_to_dict, with_overrides
+from node.logs import setup_logging
+from node.receive.server import start_scp
+from node.runtime import libc_function, release_library_pages, tune_malloc
 from storage.db import Database
 from storage.filestore import FileStore
 
 log = logging.getLogger(__name__)
 
-VERIFICATION = "1.2.840.10008.1.1"
 START_TIMEOUT = 60.0  # seconds for a receiver process to bind its port
 STOP_TIMEOUT = 60.0  # seconds for associations in progress to finish on stop
 NOTHING_IN_PROGRESS_TIMEOUT = 2.0  # stopping a receiver that never listened
 RESTART_BACKOFF = (1.0, 30.0)  # first and largest delay before restarting a dead receiver
 BIND_RETRY_SECONDS = 5.0  # a killed receiver's socket may take a moment to go
-# the child's entry point: imported, not run as __main__, so its logger is "node.receiver"
-CHILD_ENTRY = "import sys; from node.receiver import serve_child; " \
+# the child's entry point: imported, not run as __main__, so its logger is the module's
+CHILD_ENTRY = "import sys; from node.receive.process import serve_child; " \
               "sys.exit(serve_child(sys.stdin, sys.stdout))"
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
-# Loggers that quote element values (a name typed into a UID field, say) and the most they may
-# say: pynetdicom.utils reports "non-conformant" UIDs with their value at WARNING/ERROR, and
-# pynetdicom's DEBUG/INFO dumps print request fields. No PHI in logs, at any level.
-VALUE_QUOTING_LOGGERS = {"pydicom": logging.CRITICAL, "highdicom": logging.CRITICAL,
-                         "pynetdicom.utils": logging.CRITICAL, "pynetdicom": logging.WARNING}
-
-
-def keep_phi_out_of_logs() -> None:
-    """Cap the loggers above and ignore pydicom's and highdicom's warnings (idempotent); the
-    node's own refusal reasons say what was wrong without quoting values."""
-    for name, level in VALUE_QUOTING_LOGGERS.items():
-        logger = logging.getLogger(name)
-        logger.setLevel(max(level, logger.level))
-    for name in ("pydicom", "highdicom"):
-        warnings.filterwarnings("ignore", module=rf"{name}(\..*)?")
-    ours = [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)
-            if n.split(".")[0] in ("node", "storage", "model")]
-    for logger in ours:  # tracebacks quote exception messages, and those may quote values
-        if not any(isinstance(f, RedactedTracebacks) for f in logger.filters):
-            logger.addFilter(RedactedTracebacks())
-
-
-def patient_secret(root: Path) -> bytes:
-    """Per-installation key for patient fingerprints (never stored with the data it hides)."""
-    path = root / "patient-key.secret"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process of this node made it first
-            return _read_secret(path)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(32))
-            fh.flush()
-            os.fsync(fh.fileno())
-    return _read_secret(path)
-
-
-def _read_secret(path: Path, wait_seconds: float = 5.0) -> bytes:
-    """The key, once its writer has finished (an empty key is never used)."""
-    deadline = time.monotonic() + wait_seconds
-    while not (data := path.read_bytes()) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if not data:
-        raise RuntimeError(f"{path} is empty")
-    return data
-
-
-def check_caller(rules: tuple[CallerRule, ...], event: Event) -> None:
-    """Calling-AE allowlist with optional host pinning; refusals are logged with why."""
-    if not rules:
-        return
-    primitive = event.assoc.requestor.primitive
-    calling = str(getattr(primitive, "calling_ae_title", "")).strip()
-    address = str(event.assoc.requestor.address)
-    if any(rule.allows(calling, address) for rule in rules):
-        return
-    why = ("AE title allowed only from another host" if any(r.ae_title == calling for r in rules)
-           else "AE title not listed")
-    log.warning("refused association from AE %s at %s: not in [node].allowed_callers (%s)",
-                calling, address, why)
-    event.assoc.acse.send_reject(0x01, 0x01, 0x03)
-
-
-def start_scp(cfg: Config, files: FileStore, db: Database,
-              on_complete: Callable[[str], None]) -> ThreadedAssociationServer:
-    """The C-ECHO/C-STORE SCP, serving in background threads of this process."""
-    ae = AE(ae_title=cfg.node.ae_title)
-    ae.maximum_pdu_size = cfg.node.max_pdu
-    ae.maximum_associations = cfg.node.max_associations
-    ae.acse_timeout = cfg.node.acse_timeout
-    ae.dimse_timeout = cfg.node.dimse_timeout
-    ae.network_timeout = cfg.node.network_timeout
-    syntaxes = accepted_transfer_syntaxes()
-    for uid in (NM_IMAGE_STORAGE, SC_IMAGE_STORAGE):
-        ae.add_supported_context(uid, syntaxes)
-    ae.add_supported_context(VERIFICATION)
-    ctx = StoreContext(files=files, db=db, patient_secret=patient_secret(cfg.storage_root),
-                       on_complete=on_complete, min_free_bytes=cfg.min_free_bytes)
-    handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [ctx]),
-                (evt.EVT_REQUESTED, partial(check_caller, cfg.caller_rules)),
-                (evt.EVT_REJECTED, handle_rejected), (evt.EVT_ACCEPTED, handle_accepted)]
-    return tls.start_scp(ae, (cfg.node.bind_address, cfg.node.port), handlers,
-                         tls.server_context(cfg), cfg.node.acse_timeout)
-
-
 class ReceiverStartError(RuntimeError):
     """The receiver process exited before it could listen (bad TLS file, port taken, ...)."""
 
@@ -307,9 +206,7 @@ def serve_child(inp: IO[str], out: IO[str]) -> int:
     message: dict[str, Any] = json.loads(inp.readline())
     _die_with_parent(int(message["parent_pid"]))
     cfg = config_from_dict(message["config"], base_dir=Path(message["base_dir"]))
-    from node.__main__ import setup_logging  # the CLI's logging set-up, shared
     setup_logging(cfg.logging.level)
-    keep_phi_out_of_logs()
     tune_malloc()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent decides: it closes stdin
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent too
