@@ -34,6 +34,7 @@ baselines: $(BSTAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 test: lint $(BSTAMP)
 	bash .ci/system-deps.sh

@@ -21,16 +21,7 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from bench.common import (
-    dcmtk_env,
-    export_model,
-    free_port,
-    rss_mib,
-    start_bench_node,
-    tree_cpu_seconds,
-    tree_rss_mib,
-    wait_port,
-)
+from bench.common import start_bench_node, tree_cpu_seconds
 from model.phantom_dicom import DicomLayout, study_datasets
 from model.phantoms import generate_study
 from node.demo.pacs_standin import PacsStandIn
@@ -40,7 +31,9 @@ from node.dicom.views import frame_views
 from node.receive import handlers as scp
 from storage.db import Database
 from storage.filestore import FileStore
-from storage.queue import InstanceRecord, record_instance
+from storage.intake import InstanceRecord, record_instance
+from tests.support.net import dcmtk_env, free_port, wait_port
+from tests.support.nodeproc import export_model, rss_mib, tree_rss_mib
 
 
 @dataclass

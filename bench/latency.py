@@ -18,13 +18,14 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from bench.common import export_model, start_bench_node, tree_rss_mib
+from bench.common import start_bench_node
 from model.classes import CLASS_NAMES
 from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
 from node.demo.modality import send_paths
 from node.demo.pacs_standin import PacsStandIn
 from node.export.scu import Destination
+from tests.support.nodeproc import export_model, tree_rss_mib
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -55,7 +55,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_resend(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     from storage.db import Database
-    from storage.queue import requeue_dead_exports
+    from storage.exports import requeue_dead_exports
     db = Database(cfg.database_url)
     db.create_all()
     n = requeue_dead_exports(db)

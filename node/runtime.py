@@ -39,8 +39,8 @@ def tune_malloc(arenas: int = 2, mmap_threshold: int = MMAP_THRESHOLD) -> bool:
     Caps the per-thread malloc arenas (default 8 per core: each association, worker and
     exporter thread would keep its own arena of freed memory), and fixes the mmap threshold:
     glibc otherwise raises it after each freed 1 MiB buffer (received datasets, decoded
-    frames), so those land in the arenas and fragment them. Measured on 4-association ingest:
-    peak 590 -> 506 MiB. Call before the threads start; False where unsupported.
+    frames), so those land in the arenas and fragment them. Call before the threads start;
+    False where unsupported.
     """
     mallopt = libc_function("mallopt")
     return mallopt is not None and bool(mallopt(M_ARENA_MAX, arenas)) and \
@@ -50,10 +50,9 @@ def tune_malloc(arenas: int = 2, mmap_threshold: int = MMAP_THRESHOLD) -> bool:
 def trim_memory(collect: bool = True) -> bool:
     """Hand freed heap pages back to the OS (glibc `malloc_trim(0)`), after a `gc.collect()`.
 
-    glibc keeps freed small allocations: loading a model and its first forward passes leave
-    ~10 MB, each study a few more in the worker thread's arena. The trim takes ~0.1 ms; the
-    collect ~150 ms once highdicom's tables are loaded, so pass collect=False per study. False
-    where libc has no malloc_trim.
+    glibc keeps freed small allocations (a model load, each study's decoded images) in the
+    thread's arena. The trim is cheap; a full collect is not once highdicom's tables are
+    loaded, so pass collect=False per study. False where libc has no malloc_trim.
     """
     if collect:
         gc.collect()
@@ -68,11 +67,11 @@ def release_library_pages(maps: str = "/proc/self/maps") -> int:
     """Hand the resident pages of read-only shared-library mappings back to the kernel
     (madvise MADV_PAGEOUT); returns the bytes of mappings advised, 0 where unsupported.
 
-    Why: importing torch runs its operator registration, touching ~90 MiB of libtorch code that
-    is never run again; those clean, file-backed pages stay resident and count in RSS. Paged
-    out, what inference does use faults back in from the page cache (measured: 439 -> 327 MiB,
-    352 after five studies). Nothing writable or anonymous is touched: heap, weights and
-    buffers stay as they are, so this changes what is resident, not what is correct.
+    Why: importing torch runs its operator registration, touching library code that is never
+    run again; those clean, file-backed pages stay resident and count in RSS. Paged out, what
+    inference does use faults back in from the page cache. Nothing writable or anonymous is
+    touched: heap, weights and buffers stay as they are, so this changes what is resident, not
+    what is correct.
     """
     madvise = libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
     if madvise is None:

@@ -3,7 +3,8 @@
 SQLite (default) runs in WAL mode with ``synchronous=FULL`` so a committed instance row
 survives a power cut before C-STORE Success is answered, and every write transaction starts
 with ``BEGIN IMMEDIATE`` so two writers never deadlock upgrading a read lock. PostgreSQL
-is used unchanged; queries in ``storage.queue`` are portable to both.
+is used unchanged; the queries (``storage.intake``, ``jobs``, ``exports``, ``reports``,
+``retention``, ``registry``) are portable to both.
 """
 
 from __future__ import annotations

@@ -28,9 +28,10 @@ from node.demo.modality import echo, send_paths
 from node.demo.pacs_standin import SR_CLASSES, VERIFICATION, PacsStandIn
 from node.export.scu import Destination
 from node.service.node import Node
-from storage.queue import study_summaries
+from storage.reports import study_summaries
 from tests.support import hostile
-from tests.test_node_e2e import node_config
+from tests.support.nodes import node_config, wait_study
+from tests.support.wait import wait_for
 
 CALLER = "TEST_CAMERA"
 
@@ -160,11 +161,9 @@ def test_association_limit_rejects_the_extra_one(tmp_path: Path, untrained_model
             assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
         finally:
             held.release()
-        deadline, answered = time.monotonic() + 5, None
-        while time.monotonic() < deadline and answered != 0:  # the held one's thread winds down
-            time.sleep(0.1)
-            answered = echo(Destination("DSCINT", "127.0.0.1", n.port), CALLER)
-        assert answered == 0
+        # the released association's thread winds down, then a new caller gets its place
+        wait_for(lambda: echo(Destination("DSCINT", "127.0.0.1", n.port), CALLER) == 0, 5,
+                 "C-ECHO to succeed once the held association is released", interval=0.1)
     assert "refused association from AE EXTRA at 127.0.0.1: too many simultaneous " \
            "associations ([node].max_associations)" in _messages(caplog)
 
@@ -234,7 +233,8 @@ def test_tls_scp_serves_tls_clients_and_logs_plain_ones(
         assoc.release()
         assert echo(Destination("DSCINT", "127.0.0.1", n.port), CALLER) is None  # plain TCP
         assert _tls_echo(n.port, _client_ctx(pki, ca="rogue-ca")) is None  # distrusts us
-        time.sleep(0.3)
+        wait_for(lambda: _messages(caplog).count("refused TLS connection from 127.0.0.1") >= 2,
+                 10, "both refused TLS connections to be logged")
     text = _messages(caplog)
     assert "TLS TLSv1.3 from 127.0.0.1, client certificate: none" in text
     assert text.count("refused TLS connection from 127.0.0.1") >= 2
@@ -249,7 +249,8 @@ def test_tls_client_certificates_required(tmp_path: Path, untrained_model: Path,
         assert _tls_echo(n.port, _client_ctx(pki, cert="client")) == 0
         assert _tls_echo(n.port, _client_ctx(pki)) is None
         assert _tls_echo(n.port, _client_ctx(pki, cert="rogue")) is None
-        time.sleep(0.3)
+        wait_for(lambda: _messages(caplog).count("refused TLS connection") >= 2, 10,
+                 "both refused TLS connections to be logged")
     text = _messages(caplog)
     assert "client certificate: client" in text
     refusals = [m for m in text.splitlines() if "refused TLS connection" in m]
@@ -263,13 +264,13 @@ def test_silent_tls_client_does_not_block_others(tmp_path: Path, untrained_model
     cfg = _tls_cfg(tmp_path, untrained_model, pacs.port, pki)
     with Node(cfg) as n, caplog.at_level(logging.WARNING, logger="node"), \
             socket.create_connection(("127.0.0.1", n.port), timeout=10):
-        time.sleep(0.2)  # accepted, and never says a word
+        # connected, and never says a word; the listener's accept queue is first in, first
+        # out, so the node accepts this one (and starts its handshake) before the echo's
         t0 = time.monotonic()
         assert _tls_echo(n.port, _client_ctx(pki)) == 0
         assert time.monotonic() - t0 < 1.5  # not behind the silent one's 2 s timeout
-        deadline = time.monotonic() + 6
-        while time.monotonic() < deadline and "handshake timed out" not in _messages(caplog):
-            time.sleep(0.1)
+        wait_for(lambda: "handshake timed out" in _messages(caplog), 6,
+                 "the silent client's handshake to time out", interval=0.1)
     assert "refused TLS connection from 127.0.0.1: handshake timed out" in _messages(caplog)
 
 
@@ -320,13 +321,9 @@ def test_sr_export_over_mutual_tls(tmp_path: Path, untrained_model: Path, pki: P
             if delivered:
                 assert tls_pacs.wait_for(1, timeout=30)
                 return
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                row = study_summaries(n.db)[0]
-                if row.export_state == "dead":
-                    break
-                time.sleep(0.1)
-            assert row.export_state == "dead" and "TLS handshake failed" in (row.last_error or "")
+            uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+            row = wait_study(n.db, uid, "export dead-lettered", export_state="dead")
+            assert "TLS handshake failed" in (row.last_error or "")
             assert not tls_pacs.received
     finally:
         tls_pacs.stop()
@@ -389,11 +386,16 @@ def test_no_patient_name_or_id_in_any_log_line(tmp_path: Path, untrained_model: 
         answers = hostile.send_inputs(odd, dest, CALLER, tmp_path / "odd")
         assert all(a is not None for a in answers)
         uids = {str(dcmread(p[0], stop_before_pixels=True).StudyInstanceUID) for p in files}
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not uids <= set(pacs.by_study()):
-            time.sleep(0.1)
-        assert uids <= set(pacs.by_study())
-        time.sleep(1.0)  # the accepted odd inputs complete by silence and are classified too
+        wait_for(lambda: uids <= set(pacs.by_study()), 60, "an SR for each study at PACS",
+                 interval=0.1)
+
+        def all_finished() -> bool:  # the accepted odd inputs complete by silence too
+            rows = study_summaries(n.db)
+            return bool(rows) and all(r.state in ("classified", "failed")
+                                      and r.export_state in (None, "done", "dead")
+                                      for r in rows)
+
+        wait_for(all_finished, 60, "every study, odd inputs included, classified and exported")
     captured = capfd.readouterr()
     text = "\n".join(records.lines) + captured.out + captured.err
     assert len(records.lines) > 100  # DEBUG really was on

@@ -1,8 +1,9 @@
-"""Crash safety, fast version of `python -m bench.soak`: a node in its own process is killed with
-SIGKILL at seeded random moments while several senders send, and restarted. Every instance
-that got Success must be in the database and on disk (pixels identical), no temp or partial file
-may be left where data lives or be referenced, every study must get exactly one SR, hostile
-input on the side must be answered as expected, and the node must never die on its own."""
+"""Crash safety, one short trial of `python -m bench.soak` (the trial is tests/support/soak.py):
+a node in its own process is killed with SIGKILL at seeded random moments while several senders
+send, and restarted. Every instance that got Success must be in the database and on disk
+(pixels identical), no temp or partial file may be left where data lives or be referenced,
+every study must get exactly one SR, hostile input on the side must be answered as expected,
+and the node must never die on its own."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.soak import TrialPlan, phantom_pool, run_trial
 from tests.support import hostile
+from tests.support.soak import TrialPlan, phantom_pool, run_trial
 
 
 @pytest.mark.slow

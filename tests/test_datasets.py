@@ -27,7 +27,7 @@ from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
 from node.ops.retrain import DataSources, database_data, dicom_folder_data, load_data
 from storage.db import Database
-from storage.queue import InstanceRecord, record_instance
+from storage.intake import InstanceRecord, record_instance
 
 W, H = 64, 256  # loaders do not care about the network's input size; small files are quick
 

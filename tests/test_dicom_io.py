@@ -18,7 +18,6 @@ from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
-from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
@@ -31,15 +30,12 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
-    generate_uid,
 )
 
 from node.dicom.admission import check_dataset, decode_check
 from node.dicom.codes import (
     ACCEPTED_SOP_CLASSES,
-    ANTERIOR_CODE,
     NM_IMAGE_STORAGE,
-    POSTERIOR_CODE,
     SC_IMAGE_STORAGE,
     View,
 )
@@ -54,6 +50,14 @@ from node.dicom.pixels import (
 )
 from node.dicom.status import Rejection, Status
 from node.dicom.views import extract_views, frame_views, views_in_text
+from tests.support.dicom import (
+    ANT_CODE,
+    POST_CODE,
+    code_item,
+    nm_dataset,
+    pixel_counts,
+    two_view_nm,
+)
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "wg04-nm1"
 REAL_FILES = ("NM1_UNC", "NM1_RLE", "NM1_JPLL", "NM1_JPLY", "NM1_JLSL", "NM1_JLSN", "NM1_J2KR",
@@ -89,75 +93,6 @@ def _from_bytes(path: Path) -> Dataset:
 def reference() -> np.ndarray:
     """The uncompressed real scan, (1024, 256) counts."""
     return decode_frames(dcmread(_real("NM1_UNC")))[0]
-
-
-# --------------------------------------------------------------------------------------------
-# synthetic NM / SC datasets
-
-
-def _code(value: str, meaning: str, scheme: str = "SCT") -> Dataset:
-    item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning
-    return item
-
-
-def _detector(view_code: Dataset | None) -> Dataset:
-    item = Dataset()
-    if view_code is not None:
-        item.ViewCodeSequence = Sequence([view_code])
-    return item
-
-
-ANT_CODE = _code(ANTERIOR_CODE, "Anterior projection")
-POST_CODE = _code(POSTERIOR_CODE, "Posterior projection")
-
-
-def _pixels(frames: int, rows: int, cols: int) -> np.ndarray:
-    """Distinct, recognisable counts per frame."""
-    base = np.arange(rows * cols, dtype=np.int32).reshape(rows, cols) % 300
-    return np.stack([(base + 1000 * f).astype(np.uint16) for f in range(frames)])
-
-
-def nm_dataset(frames: int = 2, detector_vector: list[int] | None = None,
-               detectors: list[Dataset | None] | None = None, rows: int = 1024,
-               cols: int = 256, sop_class: str = NM_IMAGE_STORAGE, modality: str = "NM",
-               **text: str) -> Dataset:
-    """A valid NM (or SC) whole-body object: Explicit VR Little Endian, 16-bit unsigned."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = modality
-    ds.PatientName = "Doe^John"
-    ds.PatientID = "PID-1"
-    ds.PatientBirthDate = "19500101"
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.NumberOfFrames = frames
-    if detector_vector is not None:
-        ds.FrameIncrementPointer = [Tag("EnergyWindowVector"), Tag("DetectorVector")]
-        ds.EnergyWindowVector = [1] * frames
-        ds.DetectorVector = detector_vector
-    if detectors is not None:
-        ds.DetectorInformationSequence = Sequence([_detector(c) for c in detectors])
-    for keyword, value in text.items():
-        setattr(ds, keyword, value)
-    ds.PixelData = _pixels(frames, rows, cols).tobytes()
-    return ds
-
-
-def two_view_nm(detector_vector: list[int] | None = None) -> Dataset:
-    """Both views in one object: detector 1 anterior, detector 2 posterior."""
-    return nm_dataset(2, detector_vector or [1, 2], [ANT_CODE, POST_CODE])
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +207,7 @@ def test_swapped_detector_vector_swaps_views() -> None:
 
 def test_extract_views_returns_both_frames_with_their_pixels() -> None:
     ds = two_view_nm([2, 1])
-    expected = _pixels(2, 1024, 256).astype(np.float32)
+    expected = pixel_counts(2, 1024, 256).astype(np.float32)
     images = extract_views(ds)
     assert [(i.view, i.frame_number) for i in images] == [(POST, 1), (ANT, 2)]
     for image, want in zip(images, expected, strict=True):
@@ -287,13 +222,13 @@ def test_extract_views_single_frame_has_no_frame_number() -> None:
 
 
 def test_code_meaning_from_another_scheme_counts() -> None:
-    ds = nm_dataset(2, [1, 2], [_code("X1", "Anterior", "99LOCAL"),
-                                _code("X2", "posterior projection", "99LOCAL")])
+    ds = nm_dataset(2, [1, 2], [code_item("X1", "Anterior", "99LOCAL"),
+                                code_item("X2", "posterior projection", "99LOCAL")])
     assert frame_views(ds) == (ANT, POST)
 
 
 def test_oblique_meaning_does_not_count() -> None:
-    ds = nm_dataset(1, [1], [_code("X", "Left anterior oblique", "99LOCAL")])
+    ds = nm_dataset(1, [1], [code_item("X", "Left anterior oblique", "99LOCAL")])
     assert frame_views(ds) == (UNK,)
 
 

@@ -1,12 +1,11 @@
 """Hostile and broken input through real associations to a node in its own process: every input
 gets an answer (a specific failure status with its reason logged and a quarantined copy, or a
 sensible accept), the node keeps answering C-ECHO, its memory stays bounded and its log (at
-DEBUG) never quotes the patient. Inputs come from node/hostile.py: the fixed catalogue plus
+DEBUG) never quotes the patient. Inputs come from tests/support/hostile.py: the fixed catalogue plus
 hypothesis-driven truncations, garbling, header mutations, VR swaps and wrong geometries."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import Dataset
 
-from bench.common import NodeProc, echo_ok, free_port, process_tree, tree_rss_mib, write_config
-from bench.soak import expected_answer, node_sections
 from node.demo.pacs_standin import PacsStandIn
 from node.dicom.identity import is_valid_uid
 from node.export.scu import Destination
 from storage.db import Database, Instance
 from tests.support import hostile
+from tests.support.net import echo_ok, free_port
+from tests.support.nodeproc import NodeProc, process_tree, tree_rss_mib, write_config
+from tests.support.soak import expected_answer, node_sections
+from tests.support.wait import wait_for
 
 CALLER = "HOSTILE_CAM"
 EXAMPLES = settings(max_examples=20, deadline=None, derandomize=True, database=None,
@@ -68,7 +69,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, untrained_model: Path
         tmp / "node", untrained_model, port, pacs.port, logging={"level": "DEBUG"}))
     node = NodeProc(config, port, tmp / "node.log")
     node.start()
-    time.sleep(0.5)
+    # the baseline is read once start-up is over (C-ECHO is answered a little before)
+    wait_for(lambda: "listening on" in node.log_path.read_text(errors="replace"), 30,
+             "the node to log that it is listening")
     assert node.proc is not None
     tree = process_tree(node.proc.pid)
     assert len(tree) == 2, "the node receives in a process of its own"

@@ -23,7 +23,7 @@ from model.phantoms import generate_study
 from node.classify.sr import read_result
 from node.config import Config
 from node.service.node import Node
-from storage.queue import StudySummary, study_summaries
+from storage.reports import StudySummary, study_summaries
 from tests.support.interop import (
     COMPREHENSIVE_3D_SR,
     REPO_ROOT,
@@ -37,8 +37,8 @@ from tests.support.interop import (
     interop_node_config,
     require_tools,
     storescu,
-    wait_for,
 )
+from tests.support.wait import wait_for
 
 SENDER_TOOLS = ("storescu", "dciodvfy", "dsrdump")
 CAMERA = "GE_CAMERA"

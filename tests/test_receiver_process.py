@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import NodeProc, echo_ok, free_port, process_tree, write_config
 from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
 from node.classify.worker import WORKER_NICENESS
@@ -23,11 +22,12 @@ from node.demo.modality import send_paths
 from node.demo.pacs_standin import PacsStandIn
 from node.export.scu import Destination
 from node.receive.process import ReceiverProcess, ReceiverStartError
-from node.service.health import metrics_text
+from node.service.health import Report, metrics_text
 from node.service.node import Node
-from tests.test_node_e2e import _sr_for, node_config
-
-CALLER = "TEST_CAMERA"
+from tests.support.net import echo_ok, free_port
+from tests.support.nodeproc import NodeProc, gone, process_tree, write_config
+from tests.support.nodes import CALLER, node_config, wait_sr
+from tests.support.wait import wait_for
 
 
 def _process_config(root: Path, model: Path, pacs_port: int, port: int = 0) -> object:
@@ -41,18 +41,9 @@ def proc_node(tmp_path: Path, untrained_model: Path, pacs: PacsStandIn) -> Itera
         yield n
 
 
-def _gone(pid: int, timeout: float = 10.0) -> bool:
-    """True once no process `pid` runs (a zombie counts as gone)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.05)
-    return False
+def _wait_gone(pid: int, what: str = "process", timeout: float = 10.0) -> None:
+    """Wait until no process `pid` runs (a zombie counts as gone)."""
+    wait_for(lambda: gone(pid), timeout, f"{what} {pid} to end")
 
 
 def _send_study(tmp: Path, port: int, seed: int) -> str:
@@ -68,7 +59,7 @@ def test_a_study_goes_through_the_receiver_process(proc_node: Node, pacs: PacsSt
     pid = proc_node.receiver_pid
     assert pid is not None and pid != os.getpid() and pid in process_tree(os.getpid())
     uid = _send_study(tmp_path, proc_node.port, seed=1)
-    sr = _sr_for(pacs, uid)  # completion crossed the pipe, the worker here classified it
+    sr = wait_sr(pacs, uid)  # completion crossed the pipe, the worker here classified it
     assert str(sr.StudyInstanceUID) == uid
     stored = list((proc_node.cfg.storage_root / "studies" / uid).rglob("*.dcm"))
     assert len(stored) == 1
@@ -90,26 +81,24 @@ def test_a_killed_receiver_is_restarted_on_the_same_port(proc_node: Node, pacs: 
     assert old is not None
     port = proc_node.port
     os.kill(old, signal.SIGKILL)
-    assert _gone(old)
-    deadline = time.monotonic() + 0.8  # it is restarted after a 1 s pause: look inside it
-    while (down := proc_node.health())["receiver"]["alive"] and time.monotonic() < deadline:
-        time.sleep(0.02)
+    _wait_gone(old, "the killed receiver")
+
+    def seen_down() -> Report | None:
+        report = proc_node.health()
+        return None if report["receiver"]["alive"] else report
+
+    # it is restarted after a 1 s pause: look inside that pause
+    down = wait_for(seen_down, 0.8, "health to report the receiver down", interval=0.02)
     assert down["receiver"] == {"alive": False, "restarts": 0}
     assert down["status"] == "degraded" and "receiver process not running" in down["problems"][0]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        new = proc_node.receiver_pid
-        if new not in (None, old) and echo_ok(port, timeout=2.0):
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError("receiver not restarted within 30 s")
+    wait_for(lambda: proc_node.receiver_pid not in (None, old) and echo_ok(port, timeout=2.0),
+             30, "a new receiver answering C-ECHO on the same port", interval=0.1)
     assert "receiver process exited with code -9; restarting it on port" in caplog.text
     up = proc_node.health()
     assert up["receiver"] == {"alive": True, "restarts": 1} and up["status"] == "ok"
     assert "dscint_receiver_restarts_total 1" in metrics_text(up)
     uid = _send_study(tmp_path, port, seed=2)
-    assert str(_sr_for(pacs, uid).StudyInstanceUID) == uid
+    assert str(wait_sr(pacs, uid).StudyInstanceUID) == uid
 
 
 def test_stop_ends_the_receiver_and_frees_its_port(tmp_path: Path, untrained_model: Path,
@@ -119,7 +108,7 @@ def test_stop_ends_the_receiver_and_frees_its_port(tmp_path: Path, untrained_mod
     pid, port = node.receiver_pid, node.port
     assert pid is not None and echo_ok(port)
     node.stop()
-    assert _gone(pid)
+    _wait_gone(pid, "the receiver")
     with socket.socket() as s:  # nothing listens there any more (TIME_WAIT aside, as servers)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
@@ -156,7 +145,7 @@ def test_the_receiver_dies_with_its_node_and_a_restart_gets_the_port(
         tree = process_tree(node.pid)
         assert len(tree) == 2, "serve runs a receiver process"
         node.kill()
-        assert _gone(tree[1]), "the receiver outlived its node"
+        _wait_gone(tree[1], "the receiver (outliving its node?)")
         node.start()  # binds the same port
         assert echo_ok(port)
     finally:
@@ -181,7 +170,7 @@ def test_the_receiver_admits_every_character_set_the_sr_builder_knows_and_korean
     DICOM terms it lacks (ISO 2022 IR 149, Korean): those SRs are written in UTF-8."""
     from highdicom.enum import SpecificCharacterSetValues
 
-    from node.receive.handlers import DEFINED_CHARSETS
+    from node.dicom.admission import DEFINED_CHARSETS
     assert {v.value for v in SpecificCharacterSetValues} <= DEFINED_CHARSETS
     assert "ISO 2022 IR 149" in DEFINED_CHARSETS
 
@@ -197,7 +186,7 @@ def test_classification_runs_below_the_receivers_priority(proc_node: Node, pacs:
     threads it starts for inference, run at nice +WORKER_NICENESS; the receiver at the
     node's own niceness."""
     uid = _send_study(tmp_path, proc_node.port, seed=3)
-    _sr_for(pacs, uid)  # inference ran, so the worker's torch threads exist
+    wait_sr(pacs, uid)  # inference ran, so the worker's torch threads exist
     base = os.nice(0)
     worker_tid = next(t.native_id for t in threading.enumerate() if t.name == "worker-0")
     assert worker_tid is not None
@@ -225,7 +214,8 @@ def test_a_receiver_that_never_listens_fails_start_up(tmp_path: Path,
     receiver = _receiver(tmp_path, untrained_model, _SILENT)
     with pytest.raises(ReceiverStartError, match="did not listen within 1 s"):
         receiver.start(timeout=1.0)
-    assert receiver.pid is not None and _gone(receiver.pid)  # not left behind
+    assert receiver.pid is not None
+    _wait_gone(receiver.pid, "the silent receiver")  # not left behind
 
 
 def test_a_receiver_that_ignores_stop_is_killed(tmp_path: Path, untrained_model: Path,
@@ -233,7 +223,8 @@ def test_a_receiver_that_ignores_stop_is_killed(tmp_path: Path, untrained_model:
     receiver = _receiver(tmp_path, untrained_model, _DEAF).start(timeout=30)
     assert receiver.alive() and receiver.port == 1
     receiver.stop(timeout=1.0)
-    assert receiver.pid is not None and _gone(receiver.pid)
+    assert receiver.pid is not None
+    _wait_gone(receiver.pid, "the deaf receiver")
     assert "receiver process did not stop within 1 s; killing it" in caplog.text
 
 

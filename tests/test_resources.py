@@ -22,7 +22,6 @@ import pytest
 from pydicom import dcmread
 from pynetdicom.events import Event
 
-from bench.common import free_port, write_config
 from model.classes import CLASS_NAMES
 from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
@@ -33,21 +32,14 @@ from node.export.scu import Destination
 from node.service.housekeeping import housekeeping
 from node.service.node import Node
 from storage.db import Database, Instance, Purge, Study
+from storage.exports import claim_export, export_failed, export_succeeded
 from storage.filestore import FileStore
-from storage.queue import (
-    InstanceRecord,
-    NewResult,
-    StudySummary,
-    claim_export,
-    claim_job,
-    export_failed,
-    export_succeeded,
-    finish_job,
-    mark_complete,
-    record_instance,
-    store_result,
-    study_summaries,
-)
+from storage.intake import InstanceRecord, mark_complete, record_instance
+from storage.jobs import NewResult, claim_job, finish_job, store_result
+from storage.reports import StudySummary, study_summaries
+from tests.support.net import free_port
+from tests.support.nodeproc import write_config
+from tests.support.wait import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CALLER = "TEST_CAMERA"
@@ -55,7 +47,7 @@ CALLER = "TEST_CAMERA"
 
 def _sections(root: Path, model: Path, pacs_port: int, **overrides: dict[str, object]
               ) -> dict[str, dict[str, object]]:
-    """As tests/test_node_e2e.node_config, as TOML sections (the CLI reads the same file)."""
+    """As tests/support/nodes.node_config, as TOML sections (the CLI reads the same file)."""
     sections: dict[str, dict[str, object]] = {
         "node": {"port": 0, "receiver_process": False},  # caplog sees the handlers (see there)
         "pacs": {"ae_title": "TEST_PACS", "host": "127.0.0.1", "port": pacs_port},
@@ -88,15 +80,6 @@ def _study_files(tmp: Path, i: int, layout: DicomLayout = DicomLayout.MULTIFRAME
                  ) -> tuple[str, list[Path]]:
     paths = write_study(generate_study(CLASS_NAMES[i % 4], seed=600 + i), tmp / f"s{i}", layout)
     return str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID), paths
-
-
-def _wait(predicate: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 # --- free-disk watermark -------------------------------------------------------------------
@@ -263,7 +246,8 @@ def test_running_node_purges_a_delivered_study(tmp_path: Path, untrained_model: 
         with Node(cfg) as n:
             assert send_paths(paths, Destination("DSCINT", "127.0.0.1", n.port), CALLER) == [0]
             assert pacs.wait_for(1, timeout=30)
-            _wait(lambda: not (cfg.storage_root / "studies" / uid).exists(), timeout=20)
+            wait_for(lambda: not (cfg.storage_root / "studies" / uid).exists(), 20,
+                     "the delivered study's files to be purged")
             row = {s.study_uid: s for s in study_summaries(n.db)}[uid]
             assert row.state == "classified" and row.export_state == "done"
     finally:
@@ -318,7 +302,7 @@ def test_pacs_status_classes_status_table_and_resend(tmp_path: Path,
                     all(x is not None and (x.export_attempts or 0) >= 2 for x in retried) and \
                     warned is not None and warned.export_state == "done"
 
-            _wait(settled, timeout=60)
+            wait_for(settled, 60, "each PACS status to be retried, dead-lettered or stored")
             r = rows()
             for s in PERMANENT:
                 row = r[by_status[s]]
@@ -336,8 +320,11 @@ def test_pacs_status_classes_status_table_and_resend(tmp_path: Path,
             pacs.refusals.clear()  # PACS fixed
             assert f"re-queued {len(PERMANENT)} dead-lettered" in _cli("resend", "--config",
                                                                        str(path))
-            _wait(lambda: len(pacs.by_study()) == len(statuses), timeout=60)
-            time.sleep(1.0)
+            wait_for(lambda: len(pacs.by_study()) == len(statuses), 60,
+                     "an SR of every study at PACS")
+            # exactly once: nothing more is sent once every export is recorded as done
+            wait_for(lambda: all(x.export_state == "done" for x in rows().values()), 30,
+                     "every export recorded as done")
         assert all(len(v) == 1 for v in pacs.by_study().values())  # exactly once each
         assert "health: ok" in _cli("status", "--config", str(path))
     finally:
@@ -374,7 +361,7 @@ def test_health_endpoint_ok_then_degraded_while_pacs_is_down(tmp_path: Path,
         assert report["disk"]["headroom_bytes"] > 0 and report["queue"]["dead_exports"] == 0
         assert _get(base + "/live")[0] == 200 and _get(base + "/nope")[0] == 404
         assert send_paths(paths, Destination("DSCINT", "127.0.0.1", n.port), CALLER) == [0]
-        _wait(lambda: _get(base + "/health")[0] == 503, timeout=30)
+        wait_for(lambda: _get(base + "/health")[0] == 503, 30, "/health to answer 503")
         report = json.loads(_get(base + "/health")[1])
         assert report["status"] == "degraded" and report["work"]["exports_retrying"] == 1
         assert any("being retried" in p and "cannot associate" in p for p in report["problems"])

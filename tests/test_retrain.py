@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +45,8 @@ from node.export.scu import Destination
 from node.service.node import Node
 from storage.db import Database
 from storage.registry import list_models, serving_model
+from tests.support.nodes import wait_sr
+from tests.support.wait import wait_for
 
 CALLER = "TEST_CAMERA"
 ALGORITHM_VERSION = "111003"  # DCM "Algorithm Version"
@@ -239,22 +240,11 @@ def _send_study(node: Node, tmp_path: Path, seed: int) -> str:
 
 
 def _sr_version(pacs: PacsStandIn, study_uid: str, timeout: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pacs.by_study().get(study_uid)
-        if got:
-            return _algorithm_version(got[0].dataset)
-        time.sleep(0.05)
-    raise AssertionError(f"no SR for study {study_uid} within {timeout} s")
+    return _algorithm_version(wait_sr(pacs, study_uid, timeout))
 
 
 def _wait_serving(node: Node, version: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if node.model_version == version:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"node still serves {node.model_version}, not {version}")
+    wait_for(lambda: node.model_version == version, timeout, f"the node to serve {version}")
 
 
 def test_retrain_promote_hot_swap_and_rollback(tmp_path: Path, untrained_model: Path,

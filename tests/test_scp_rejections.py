@@ -19,7 +19,7 @@ from node.demo.modality import echo, send_paths
 from node.demo.pacs_standin import PacsStandIn
 from node.export.scu import Destination
 from node.service.node import Node
-from tests.test_node_e2e import CALLER, node_config
+from tests.support.nodes import CALLER, node_config
 
 
 @pytest.fixture

@@ -18,35 +18,43 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from sqlalchemy import func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
-from storage import queue
-from storage.db import Base, Database, Export, Instance, Job, Study, make_engine
-from storage.filestore import TEMP_SUFFIX, FileStore, validate_uid
-from storage.queue import (
-    InstanceRecord,
-    NewResult,
-    backoff_delay,
+from storage import intake, jobs
+from storage.db import (
+    Base,
+    CompletionReason,
+    Database,
+    Export,
+    ExportState,
+    Instance,
+    Job,
+    Purge,
+    Study,
+    StudyState,
+    make_engine,
+)
+from storage.exports import (
     claim_export,
-    claim_job,
     export_failed,
     export_succeeded,
-    finish_job,
-    mark_complete,
-    queue_depth,
-    record_instance,
-    release_stale_claims,
     release_stale_exports,
     requeue_dead_exports,
-    store_result,
+)
+from storage.filestore import TEMP_SUFFIX, FileStore, validate_uid
+from storage.intake import (
+    InstanceRecord,
+    mark_complete,
+    record_instance,
     studies_due_quiet,
     study_instances,
-    study_summaries,
+    study_patient_keys,
 )
+from storage.jobs import NewResult, claim_job, finish_job, release_stale_claims, store_result
+from storage.reports import WorkBacklog, queue_depth, study_summaries, work_backlog
+from storage.retention import purge_candidates, purgeable_studies, record_purge
 
 DB_URL_ENV = "STORAGE_TEST_DATABASE_URL"
 T0 = datetime(2025, 3, 1, 8, 0, 0, tzinfo=UTC)
@@ -255,7 +263,7 @@ def test_one_active_classify_job_per_study_is_enforced(db: Database) -> None:
 
 
 def test_claim_sql_uses_skip_locked_on_postgresql_only() -> None:
-    stmt = queue._job_claim_stmt("w0", "classify", T0)
+    stmt = jobs._job_claim_stmt("w0", "classify", T0)
     pg = str(stmt.compile(dialect=postgresql.dialect()))
     lite = str(stmt.compile(dialect=sqlite.dialect()))
     assert "FOR UPDATE SKIP LOCKED" in pg and "RETURNING" in pg
@@ -265,7 +273,7 @@ def test_claim_sql_uses_skip_locked_on_postgresql_only() -> None:
 def test_instance_rows_are_locked_on_postgresql() -> None:
     """Several receivers on one PostgreSQL: the study and instance rows a C-STORE updates
     are read FOR UPDATE there (SQLite serialises writers with BEGIN IMMEDIATE instead)."""
-    for stmt in (queue._SELECT_STUDY, queue._SELECT_INSTANCE):
+    for stmt in (intake._SELECT_STUDY, intake._SELECT_INSTANCE):
         assert "FOR UPDATE" in str(stmt.compile(dialect=postgresql.dialect()))
         assert "FOR UPDATE" not in str(stmt.compile(dialect=sqlite.dialect()))
 
@@ -582,33 +590,72 @@ def test_study_summaries_newest_first(db: Database) -> None:
     assert study_summaries(db)[1].export_state is None
 
 
+def test_study_summaries_carry_enums(db: Database) -> None:
+    """States cross into node/ as enums (still equal to their stored strings)."""
+    export_id_ready(db)
+    record_instance(db, rec("2.1", study="2.2"), now=T0 + timedelta(hours=1))
+    fresh, done = study_summaries(db)
+    assert fresh.state is StudyState.RECEIVING and fresh.completion_reason is None
+    assert fresh.export_state is None
+    assert done.state is StudyState.CLASSIFIED
+    assert done.completion_reason is CompletionReason.BOTH_VIEWS
+    assert done.export_state is ExportState.PENDING and done.export_state == "pending"
+
+
+def test_work_backlog(db: Database) -> None:
+    assert work_backlog(db) == WorkBacklog(0, None, None, 0, None)
+    export_id = export_id_ready(db)
+    record_instance(db, rec("3.1", study="3.3"), now=T0)
+    assert mark_complete(db, "3.3", CompletionReason.QUIET, now=T0 + timedelta(minutes=1))
+    work = work_backlog(db)
+    assert work.oldest_pending_export_at == T0 and work.exports_retrying == 0
+    assert work.oldest_pending_job_at == T0 + timedelta(minutes=1)
+    assert claim_export(db, "x0", now=T0) is not None
+    export_failed(db, export_id, "association rejected", None, T0 + timedelta(seconds=9),
+                  now=T0)
+    work = work_backlog(db)
+    assert work.exports_retrying == 1 and work.last_export_error == "association rejected"
+    job = claim_job(db, "w", now=T0)
+    assert job is not None
+    finish_job(db, job.job_id, ok=False, error="ValueError", now=T0)
+    work = work_backlog(db)
+    assert work.failed_studies == 1 and work.oldest_pending_job_at is None
+
+
+def test_study_patient_keys(db: Database) -> None:
+    assert study_patient_keys(db) == {}
+    record_instance(db, rec("1.1"), now=T0)
+    record_instance(db, rec("2.1", study="2.2", patient_key=None), now=T0)
+    assert study_patient_keys(db) == {STUDY: "pk-1", "2.2": None}
+
+
+def test_retention_queries(db: Database) -> None:
+    """Only a delivered study is purgeable; after the purge its old rows are gone."""
+    export_id = export_id_ready(db)
+    cutoff = T0 + timedelta(days=1)
+    assert purgeable_studies(db, cutoff, 10) == []  # export still pending
+    assert claim_export(db, "x0", now=T0) is not None
+    export_succeeded(db, export_id, 0, now=T0 + timedelta(seconds=1))
+    assert purgeable_studies(db, T0, 10) == []  # touched after the cutoff
+    assert purgeable_studies(db, cutoff, 10) == [STUDY]
+    assert purgeable_studies(db, cutoff, 0) == []
+    found = purge_candidates(db, STUDY, cutoff)
+    assert sorted(found.instances) == [("1.1", "/data/1.1.dcm"), ("1.2", "/data/1.2.dcm")]
+    assert found.sr_paths == ("/sr/2.25.1.dcm",)
+    assert purge_candidates(db, STUDY, T0).instances == ()
+    record_purge(db, STUDY, ["1.1", "1.2"], cutoff, 3, 3000, when=cutoff)
+    assert study_instances(db, STUDY) == []
+    assert purgeable_studies(db, cutoff + timedelta(days=1), 10) == []
+    record_purge(db, STUDY, [], cutoff, 1, 500, when=cutoff + timedelta(days=1))
+    with db.read_session() as s:
+        row = s.get(Purge, STUDY)
+        assert row is not None and (row.files, row.size_bytes) == (4, 3500)
+        assert row.purged_at == cutoff + timedelta(days=1)
+
+
 def test_instance_rows_cascade_nowhere(db: Database) -> None:
     """Foreign keys are on: an instance cannot point at a study that does not exist."""
     with pytest.raises(IntegrityError), db.session() as s, s.begin():
         s.add(Instance(sop_uid="1.9", study_uid="404", series_uid="1", sop_class_uid="1",
                        transfer_syntax_uid="1", path="/x", views="", n_frames=0, size_bytes=0,
                        received_at=T0, calling_ae="A", late=False))
-
-
-# --- backoff -------------------------------------------------------------------------------
-
-
-def test_backoff_delay_examples() -> None:
-    assert [backoff_delay(a, 2.0, 60.0) for a in range(0, 8)] == \
-        [2.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
-    assert backoff_delay(10**9, 1.0, 300.0) == 300.0
-    with pytest.raises(ValueError):
-        backoff_delay(1, -1.0, 10.0)
-    with pytest.raises(ValueError):
-        backoff_delay(1, float("nan"), 10.0)
-
-
-@given(attempts=st.integers(min_value=-10, max_value=10**6),
-       base=st.floats(min_value=0.0, max_value=1e6),
-       cap=st.floats(min_value=0.0, max_value=1e9))
-def test_backoff_delay_capped_and_monotonic(attempts: int, base: float, cap: float) -> None:
-    d = backoff_delay(attempts, base, cap)
-    assert 0.0 <= d <= cap
-    assert backoff_delay(attempts + 1, base, cap) >= d
-    if attempts <= 1:
-        assert d == min(base, cap)

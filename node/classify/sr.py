@@ -179,9 +179,9 @@ def slim_highdicom_tables(source_sop_classes: Iterable[str]) -> int:
     """Keep only the modules of the IODs the node reads and writes in highdicom's table of
     every DICOM module's attributes; returns how many modules were dropped.
 
-    highdicom parses a 22.6 MB JSON table (about 60 MiB resident, 100 MiB while parsing) on
-    the first SR, to check the few IODs involved: called at start-up, before the model loads,
-    it peaks while the process is small and leaves ~40 MiB less resident. The table is
+    highdicom parses a large JSON table of every module on the first SR, to check the few
+    IODs involved: called at start-up, before the model loads, the parse peaks while the
+    process is small, and what stays resident is a fraction of it. The table is
     highdicom's cached (private) object; where that API differs, nothing is dropped.
     """
     try:

@@ -14,25 +14,26 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 
 from model.classifier import Classifier, StudyPrediction
-from node.classify.sr import Classification, DeviceInfo, ModelInfo, SourceFrame, build_sr, encode_sr
+from node.classify.sr import (
+    PHANTOM_NOTE,
+    Classification,
+    DeviceInfo,
+    ModelInfo,
+    SourceFrame,
+    build_sr,
+    encode_sr,
+)
 from node.dicom.views import extract_views
 from node.logs import redacted
 from node.runtime import trim_memory
 from storage.db import Database
 from storage.filestore import FileStore
-from storage.queue import (
-    ClaimedJob,
-    NewResult,
-    claim_job,
-    finish_job,
-    store_result,
-    study_instances,
-)
+from storage.intake import study_instances
+from storage.jobs import ClaimedJob, NewResult, claim_job, finish_job, store_result
 
 log = logging.getLogger(__name__)
 
 WORKER_NICENESS = 5  # classification runs at nice +5: under CPU pressure the receiver goes first
-PHANTOM_WARNING = "model trained on simulated phantoms: research use only, not for diagnosis"
 
 
 @dataclass(frozen=True)
@@ -90,11 +91,11 @@ def classify(ctx: WorkerContext, job: ClaimedJob) -> None:
         probabilities=pred.probabilities,
         per_view={v.label: v.probabilities for v in pred.views},
         sr_sop_uid=str(sr.SOPInstanceUID), sr_series_uid=str(sr.SeriesInstanceUID),
-        sr_path=str(sr_path), note=PHANTOM_WARNING if info.trained_on_phantoms else None,
+        sr_path=str(sr_path), note=PHANTOM_NOTE if info.trained_on_phantoms else None,
     ), ctx.destination)
     probs = ", ".join(f"{k} {v:.3f}" for k, v in pred.probabilities.items())
     log.info("study %s classified %s (%s) by %s %s%s", job.study_uid, pred.predicted_class, probs,
-             info.name, info.version, f" [{PHANTOM_WARNING}]" if info.trained_on_phantoms else "")
+             info.name, info.version, f" [{PHANTOM_NOTE}]" if info.trained_on_phantoms else "")
 
 
 def _classification(pred: StudyPrediction) -> Classification:
@@ -116,7 +117,7 @@ def run_once(ctx: WorkerContext, worker_id: str) -> bool:
         finish_job(ctx.db, job.job_id, ok=False, error=redacted(exc))
         return True
     finally:
-        trim_memory(collect=False)  # a study's decoded images and SR: back to the OS (~0.1 ms)
+        trim_memory(collect=False)  # a study's decoded images and SR: back to the OS
     finish_job(ctx.db, job.job_id, ok=True)
     ctx.on_result()
     return True

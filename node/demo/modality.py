@@ -9,6 +9,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pynetdicom import AE
 
+from node.dicom.codes import VERIFICATION
 from node.export.scu import Destination
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def send_paths(paths: Sequence[Path], dest: Destination, calling_ae: str = "MODA
 def echo(dest: Destination, calling_ae: str = "MODALITY") -> int | None:
     """C-ECHO; the status or None when no association."""
     ae = AE(ae_title=calling_ae)
-    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.add_requested_context(VERIFICATION)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if not assoc.is_established:
         return None

@@ -17,14 +17,11 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node.dicom.codes import SR_STORAGE_CLASSES, VERIFICATION
+
 log = logging.getLogger(__name__)
 
-VERIFICATION = "1.2.840.10008.1.1"
-SR_CLASSES = (
-    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
-    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
-    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
-)
+SR_CLASSES = SR_STORAGE_CLASSES
 
 
 @dataclass

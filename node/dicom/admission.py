@@ -21,7 +21,7 @@ from node.dicom.values import text_of
 
 MAX_RESCALE = 1e20  # 16-bit counts times this stay far below float32's 3.4e38
 # Specific Character Set defined terms (PS3.3 C.12.1.1.2, Tables C.12-2 to C.12-5). Spelled
-# out so the receiver process need not import highdicom (19 MiB); the SR is written in the
+# out so the receiver process need not import highdicom; the SR is written in the
 # source's set where highdicom can write it, else in UTF-8 (node.classify.sr.sr_character_set).
 DEFINED_CHARSETS = frozenset({
     "ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 126", "ISO_IR 127",
@@ -139,8 +139,8 @@ def decode_check(ds: Dataset) -> Rejection | None:
 
     Header problems keep their own status; a decoding failure answers 0xC210. Native
     (uncompressed) data is not decoded: once the pixel module checks passed, its exact length
-    included, reading it cannot fail, and decoding cost ~0.5 ms and a float copy twice the
-    data's size on every C-STORE. Never raises.
+    included, reading it cannot fail, and decoding would cost a float copy twice the data's
+    size on every C-STORE. Never raises.
     """
     geometry = pixel_geometry(ds)
     if isinstance(geometry, Rejection):

@@ -1,5 +1,6 @@
 """SR export loop: C-STORE to PACS until acknowledged, with capped exponential backoff and a
-dead-letter state after the configured number of attempts (or at once for permanent refusals).
+dead-letter state after the configured number of attempts (or at once for permanent refusals);
+the schedule is decided in `node.export.policy`.
 """
 
 from __future__ import annotations
@@ -7,19 +8,14 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from node.config import ExportSection
+from node.export.policy import next_attempt
 from node.export.scu import Destination, SendOutcome, send_file
 from storage.db import Database
-from storage.queue import (
-    ClaimedExport,
-    backoff_delay,
-    claim_export,
-    export_failed,
-    export_succeeded,
-)
+from storage.exports import ClaimedExport, claim_export, export_failed, export_succeeded
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +28,6 @@ class ExportContext:
     destination: Destination
     calling_ae: str
     policy: ExportSection
-
-
-def next_attempt(policy: ExportSection, attempts: int, outcome: SendOutcome, now: datetime
-                 ) -> datetime | None:
-    """When to try again, or None to dead-letter."""
-    if outcome.permanent or attempts >= policy.max_attempts:
-        return None
-    delay = backoff_delay(attempts, policy.backoff_base_seconds, policy.backoff_cap_seconds)
-    return now + timedelta(seconds=delay)
 
 
 def deliver(ctx: ExportContext, job: ClaimedExport) -> SendOutcome:

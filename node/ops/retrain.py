@@ -29,13 +29,12 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import select
 
 from node.config import Config
 from node.dicom.pixels import DecodeError
 from node.dicom.views import extract_views
-from storage.db import Database, Study
-from storage.queue import study_instances
+from storage.db import Database
+from storage.intake import study_instances, study_patient_keys
 from storage.registry import (
     ModelRecord,
     NewModel,
@@ -149,8 +148,7 @@ def database_data(db: Database, labels: Path) -> LabelledImages:
     """Studies the node has received, labelled by a CSV of StudyInstanceUID -> class."""
     from model.datasets import DatasetError, assemble, read_label_csv
     rows = read_label_csv(labels)
-    with db.read_session() as s:
-        keys = {uid: key for uid, key in s.execute(select(Study.study_uid, Study.patient_key))}
+    keys = study_patient_keys(db)
     records: list[ViewRecord] = []
     for row in rows:
         if row.key_kind != "study_uid":

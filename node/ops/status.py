@@ -8,7 +8,7 @@ from rich.table import Table
 from node.config import Config
 from node.service.health import health_report, summary_line
 from storage.db import Database
-from storage.queue import queue_depth, study_summaries
+from storage.reports import queue_depth, study_summaries
 
 
 def _short(uid: str, keep: int = 18) -> str:

@@ -24,8 +24,8 @@ from node.dicom.views import frame_views
 from node.logs import redacted, redacted_traceback
 from storage.db import CompletionReason, Database, StudyState
 from storage.filestore import FileStore
-from storage.queue import InstanceRecord, mark_complete, record_instance
-from storage.queue import patient_conflict as stored_patient_conflict
+from storage.intake import InstanceRecord, mark_complete, record_instance
+from storage.intake import patient_conflict as stored_patient_conflict
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 Why a process of its own: admitting an instance (parse, checks, durable write, queue row) and
 classifying a study (decode, inference, SR build and encode) are both CPU-bound Python. In one
 process they take turns on one GIL, so a study being classified slows every C-STORE of a
-camera sending at the same moment (py-spy: worker 38 % of the GIL during ingest). In two
-processes they run on two cores. The receiver process never loads torch or the model.
+camera sending at the same moment. In two processes they run on two cores. The receiver
+process never loads torch or the model.
 
 Parent and child talk over pipes, nothing else: the parent writes the validated configuration
 (JSON, one line) to the child's stdin and keeps stdin open; the child answers

@@ -25,11 +25,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
-
 from node.config import Config
-from storage.db import Database, Export, ExportState, Job, JobState, Study, StudyState
-from storage.queue import queue_depth
+from storage.db import Database
+from storage.reports import queue_depth, work_backlog
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +59,13 @@ def _age(since: datetime | None, now: datetime) -> float | None:
 
 
 def backlog(db: Database, now: datetime) -> Report:
-    """Exports waiting for a retry, the oldest pending work, failed studies, last error."""
-    pending = Export.state == ExportState.PENDING.value
-    with db.read_session() as s:
-        retrying = s.execute(select(func.count()).select_from(Export)
-                             .where(pending, Export.attempts > 0)).scalar_one()
-        oldest_export = s.execute(select(func.min(Export.created_at)).where(pending)
-                                  ).scalar_one()
-        oldest_job = s.execute(select(func.min(Job.created_at))
-                               .where(Job.state == JobState.PENDING.value)).scalar_one()
-        failed = s.execute(select(func.count()).select_from(Study)
-                           .where(Study.state == StudyState.FAILED.value)).scalar_one()
-        last_error = s.execute(select(Export.last_error)
-                               .where(Export.state.in_([ExportState.PENDING.value,
-                                                        ExportState.DEAD.value]),
-                                      Export.last_error.is_not(None))
-                               .order_by(Export.id.desc()).limit(1)).scalar_one_or_none()
-    return {"exports_retrying": retrying,
-            "oldest_pending_export_seconds": _age(oldest_export, now),
-            "oldest_pending_job_seconds": _age(oldest_job, now),
-            "failed_studies": failed, "last_export_error": last_error}
+    """Exports waiting for a retry, the oldest pending work (as ages, so a monitor needs no
+    clock of its own), failed studies, last export error."""
+    work = work_backlog(db)
+    return {"exports_retrying": work.exports_retrying,
+            "oldest_pending_export_seconds": _age(work.oldest_pending_export_at, now),
+            "oldest_pending_job_seconds": _age(work.oldest_pending_job_at, now),
+            "failed_studies": work.failed_studies, "last_export_error": work.last_export_error}
 
 
 def _problems(depth: dict[str, int], work: Report, free: int, watermark: int,

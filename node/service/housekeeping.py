@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import delete, exists, func, select
-
 from node.config import StorageSection
-from storage.db import Database, Export, ExportState, Instance, Purge, Result, Study, StudyState
+from storage.db import Database
 from storage.filestore import FileStore
+from storage.retention import purge_candidates, purgeable_studies, record_purge
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +45,6 @@ class PurgeReport:
 
 def _now(now: datetime | None) -> datetime:
     return datetime.now(UTC) if now is None else now
-
-
-def purgeable_studies(db: Database, cutoff: datetime, limit: int = BATCH) -> list[str]:
-    """Delivered studies last touched before `cutoff` whose files are still there."""
-    own = Export.study_uid == Study.study_uid
-    last_ack = select(func.max(Export.acked_at)).where(own).scalar_subquery()
-    purged_since = exists().where(Purge.study_uid == Study.study_uid,
-                                  Purge.purged_at >= Study.last_instance_at)
-    stmt = (select(Study.study_uid)
-            .where(Study.state == StudyState.CLASSIFIED.value,
-                   exists().where(own),
-                   ~exists().where(own, Export.state != ExportState.DONE.value),
-                   Study.last_instance_at < cutoff, last_ack < cutoff, ~purged_since)
-            .order_by(Study.last_instance_at, Study.study_uid).limit(limit))
-    with db.read_session() as s:
-        return list(s.execute(stmt).scalars())
 
 
 def _inside(root: Path, path: Path) -> bool:
@@ -102,44 +85,23 @@ def _remove_empty_dirs(root: Path, start: Path) -> None:
 def purge_study(db: Database, files: FileStore, study_uid: str, cutoff: datetime,
                 now: datetime | None = None) -> tuple[int, int]:
     """Delete one delivered study's files and instance rows; (files, bytes) removed."""
-    with db.read_session() as s:
-        instances = s.execute(select(Instance.sop_uid, Instance.path)
-                              .where(Instance.study_uid == study_uid,
-                                     Instance.received_at < cutoff)).all()
-        srs = list(s.execute(select(Result.sr_path).where(Result.study_uid == study_uid))
-                   .scalars())
+    candidates = purge_candidates(db, study_uid, cutoff)
     cutoff_ts = cutoff.timestamp()
     removed: list[str] = []
     n_files = n_bytes = 0
-    for sop_uid, path in instances:
+    for sop_uid, path in candidates.instances:
         size = _unlink_old(files.root, Path(path), cutoff_ts)
         if size >= 0:
             removed.append(sop_uid)
             n_files, n_bytes = n_files + (size > 0), n_bytes + size
             _remove_empty_dirs(files.root, Path(path).parent)
-    for path in srs:
+    for path in candidates.sr_paths:
         size = _unlink_old(files.root, Path(path), cutoff_ts)
         if size > 0:
             n_files, n_bytes = n_files + 1, n_bytes + size
             _remove_empty_dirs(files.root, Path(path).parent)
-    _record_purge(db, study_uid, removed, cutoff, n_files, n_bytes, _now(now))
+    record_purge(db, study_uid, removed, cutoff, n_files, n_bytes, _now(now))
     return n_files, n_bytes
-
-
-def _record_purge(db: Database, study_uid: str, sop_uids: list[str], cutoff: datetime,
-                  n_files: int, n_bytes: int, when: datetime) -> None:
-    """Instance rows of deleted files go; the purge is recorded (one transaction)."""
-    with db.session() as s, s.begin():
-        if sop_uids:
-            s.execute(delete(Instance).where(Instance.sop_uid.in_(sop_uids),
-                                             Instance.received_at < cutoff)
-                      .execution_options(synchronize_session=False))
-        row = s.get(Purge, study_uid)
-        if row is None:
-            s.add(Purge(study_uid=study_uid, purged_at=when, files=n_files, size_bytes=n_bytes))
-        else:
-            row.purged_at, row.files = when, row.files + n_files
-            row.size_bytes = row.size_bytes + n_bytes
 
 
 def purge_quarantine(files: FileStore, cutoff: datetime) -> int:
@@ -159,7 +121,7 @@ def housekeeping(db: Database, files: FileStore, storage: StorageSection,
         return PurgeReport(temp=temp)
     cutoff = _now(now) - timedelta(days=storage.retention_days)
     studies = n_files = n_bytes = 0
-    for uid in purgeable_studies(db, cutoff):
+    for uid in purgeable_studies(db, cutoff, BATCH):
         f, b = purge_study(db, files, uid, cutoff, now=now)
         studies, n_files, n_bytes = studies + 1, n_files + f, n_bytes + b
     report = PurgeReport(studies, n_files, n_bytes, purge_quarantine(files, cutoff), temp)

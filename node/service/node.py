@@ -25,13 +25,10 @@ from node.receive.server import start_scp
 from node.service import health, housekeeping
 from node.service.models import ModelHolder
 from storage.db import CompletionReason, Database
+from storage.exports import release_stale_exports
 from storage.filestore import FileStore
-from storage.queue import (
-    mark_complete,
-    release_stale_claims,
-    release_stale_exports,
-    studies_due_quiet,
-)
+from storage.intake import mark_complete, studies_due_quiet
+from storage.jobs import release_stale_claims
 
 log = logging.getLogger(__name__)
 

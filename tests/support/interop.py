@@ -13,22 +13,20 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from bench.common import dcmtk_env, free_port, free_ports
 from node.config import Config, load_config, with_overrides
+from tests.support.net import dcmtk_env, free_port, free_ports
+from tests.support.wait import wait_for
 
-T = TypeVar("T")
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 INSTALL_HINT = "run `bash .ci/system-deps.sh` (Debian packages dcmtk, orthanc, dicom3tools)"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -79,19 +77,6 @@ def run_tool(argv: Sequence[str], timeout: float = 60.0) -> subprocess.Completed
     """Run a DCMTK/dicom3tools command to completion with Nagle off; output captured."""
     return subprocess.run(list(argv), env=dcmtk_env(), capture_output=True, text=True,
                           timeout=timeout, check=False)
-
-
-def wait_for(probe: Callable[[], T | None], timeout: float, what: str,
-             interval: float = 0.05) -> T:
-    """Poll with a deadline instead of sleeping a guessed time; AssertionError names `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got is not None and got is not False:
-            return got
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 # --- processes -----------------------------------------------------------------------------

@@ -1,0 +1,167 @@
+"""Classify jobs: claim, release, finish, and the result (with its pending SR export).
+
+Claims are single ``UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED) AND
+state = 'pending' RETURNING`` statements: on SQLite they run inside ``BEGIN IMMEDIATE``
+(``FOR UPDATE`` is not rendered there), on PostgreSQL the row lock plus ``SKIP LOCKED``
+keeps concurrent workers on different rows. Either way a job is claimed exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import UpdateBase
+
+from storage.common import CLASSIFY, NO_SYNC, owned_by, retry_on_conflict, utc_now
+from storage.db import Database, Export, ExportState, Job, JobState, Result, Study, StudyState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job this worker now owns."""
+
+    job_id: int
+    study_uid: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class NewResult:
+    """A classification ready to be stored with its SR."""
+
+    study_uid: str
+    job_id: int | None
+    model_version: str
+    model_sha256: str
+    predicted_class: str
+    probabilities: Mapping[str, float]
+    per_view: Mapping[str, Mapping[str, float]]
+    sr_sop_uid: str
+    sr_series_uid: str
+    sr_path: str
+    note: str | None = None
+
+
+def claim_job(db: Database, worker_id: str, kind: str = CLASSIFY,
+              now: datetime | None = None) -> ClaimedJob | None:
+    """Atomically take the oldest pending job; the study becomes ``classifying``."""
+    with db.session() as s, s.begin():
+        row = s.execute(_job_claim_stmt(worker_id, kind, utc_now(now))).one_or_none()
+        if row is None:
+            return None
+        s.execute(update(Study).where(Study.study_uid == row.study_uid)
+                  .values(state=StudyState.CLASSIFYING.value).execution_options(**NO_SYNC))
+    return ClaimedJob(job_id=row.id, study_uid=row.study_uid, attempts=row.attempts)
+
+
+def _job_claim_stmt(worker_id: str, kind: str, when: datetime) -> UpdateBase:
+    """One statement that picks and claims: re-checking ``state`` makes a lost race a no-op."""
+    pick = (select(Job.id).where(Job.state == JobState.PENDING.value, Job.kind == kind)
+            .order_by(Job.id).limit(1).with_for_update(skip_locked=True).scalar_subquery())
+    return (update(Job).where(Job.id == pick, Job.state == JobState.PENDING.value)
+            .values(state=JobState.CLAIMED.value, claimed_by=worker_id, claimed_at=when,
+                    attempts=Job.attempts + 1)
+            .returning(Job.id, Job.study_uid, Job.attempts).execution_options(**NO_SYNC))
+
+
+def release_stale_claims(db: Database, older_than_seconds: float,
+                         now: datetime | None = None, prefix: str | None = None) -> int:
+    """Give claims of dead workers back to the queue; returns how many.
+
+    With ``older_than_seconds=0`` and this node's ``prefix`` it re-queues everything the
+    node had claimed before a restart; without a prefix it frees any claim older than the
+    threshold (a crashed peer's).
+    """
+    cutoff = utc_now(now) - timedelta(seconds=older_than_seconds)
+    conds = [Job.state == JobState.CLAIMED.value, Job.claimed_at <= cutoff]
+    if prefix is not None:
+        conds.append(owned_by(Job.claimed_by, prefix))
+    with db.session() as s, s.begin():
+        studies = s.execute(update(Job).where(*conds)
+                            .values(state=JobState.PENDING.value, claimed_by=None,
+                                    claimed_at=None)
+                            .returning(Job.study_uid).execution_options(**NO_SYNC)
+                            ).scalars().all()
+        if studies:
+            s.execute(update(Study).where(Study.study_uid.in_(sorted(set(studies))),
+                                          Study.state == StudyState.CLASSIFYING.value)
+                      .values(state=StudyState.COMPLETE.value).execution_options(**NO_SYNC))
+    if studies:
+        log.warning("released %d stale job claim(s)", len(studies))
+    return len(studies)
+
+
+def finish_job(db: Database, job_id: int, ok: bool, error: str | None = None,
+               now: datetime | None = None) -> None:
+    """Close a job and move its study to ``classified`` or ``failed``."""
+    when = utc_now(now)
+    job_state, study_state = (JobState.DONE, StudyState.CLASSIFIED) if ok \
+        else (JobState.FAILED, StudyState.FAILED)
+    with db.session() as s, s.begin():
+        study_uid = s.execute(update(Job).where(Job.id == job_id)
+                              .values(state=job_state.value, finished_at=when, error=error)
+                              .returning(Job.study_uid).execution_options(**NO_SYNC)
+                              ).scalar_one_or_none()
+        if study_uid is None:
+            raise LookupError(f"no job with id {job_id}")
+        s.execute(update(Study).where(Study.study_uid == study_uid)
+                  .values(state=study_state.value).execution_options(**NO_SYNC))
+
+
+def store_result(db: Database, r: NewResult, destination: str, now: datetime | None = None
+                 ) -> tuple[int, int]:
+    """Result and its pending export in one transaction: a stored result is never unsent.
+
+    Idempotent per SR: a result with the same SR SOP UID is reused, and an export to the
+    same destination is never created twice. Returns (result id, export id).
+    """
+    when = utc_now(now)
+
+    def attempt() -> tuple[int, int]:
+        with db.session() as s, s.begin():
+            result_id = _ensure_result(s, r, when)
+            return result_id, _ensure_export(s, r, result_id, destination, when)
+
+    return retry_on_conflict(attempt, "store_result")
+
+
+def _ensure_result(s: Session, r: NewResult, when: datetime) -> int:
+    """The result row for this SR, inserted unless a retry already stored it."""
+    existing = s.execute(select(Result.id).where(Result.sr_sop_uid == r.sr_sop_uid)
+                         .order_by(Result.id).limit(1)).scalar_one_or_none()
+    if existing is not None:
+        return existing
+    row = Result(study_uid=r.study_uid, job_id=r.job_id, model_version=r.model_version,
+                 model_sha256=r.model_sha256, predicted_class=r.predicted_class,
+                 probabilities=json.dumps(dict(r.probabilities), sort_keys=True),
+                 per_view=json.dumps({k: dict(v) for k, v in r.per_view.items()},
+                                     sort_keys=True),
+                 sr_sop_uid=r.sr_sop_uid, sr_series_uid=r.sr_series_uid, sr_path=r.sr_path,
+                 created_at=when, note=r.note)
+    s.add(row)
+    s.flush()
+    return row.id
+
+
+def _ensure_export(s: Session, r: NewResult, result_id: int, destination: str,
+                   when: datetime) -> int:
+    """The pending export of this SR to this destination, due now, created at most once."""
+    existing = s.execute(select(Export.id).where(Export.sr_sop_uid == r.sr_sop_uid,
+                                                 Export.destination == destination)
+                         ).scalar_one_or_none()
+    if existing is not None:
+        return existing
+    row = Export(result_id=result_id, study_uid=r.study_uid, sr_sop_uid=r.sr_sop_uid,
+                 destination=destination, state=ExportState.PENDING.value, attempts=0,
+                 next_attempt_at=when, created_at=when)
+    s.add(row)
+    s.flush()
+    return row.id
