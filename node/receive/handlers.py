@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import Dataset, dcmread
-from pydicom.uid import UID
 from pynetdicom.events import Event
 
 from node.dicom.admission import admission_rejection, patient_conflict
 from node.dicom.identity import is_valid_uid, patient_key, shown_uid
-from node.dicom.status import ASSOCIATION_REJECT_REASONS, CONTEXT_RESULTS, Rejection, Status
+from node.dicom.status import Rejection, Status
 from node.dicom.views import frame_views
 from node.logs import redacted, redacted_traceback
 from storage.db import CompletionReason, Database, StudyState
@@ -58,44 +57,6 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
                   _caller(event), redacted_traceback(exc))
         _try_quarantine(event, ctx, f"unexpected error: {redacted(exc)}", sop_uid)
         return Status.OUT_OF_RESOURCES
-
-
-def _requestor(event: Event) -> tuple[str, str]:
-    try:
-        return str(event.assoc.requestor.ae_title).strip(), str(event.assoc.requestor.address)
-    except AttributeError:
-        return "?", "?"
-
-
-def handle_rejected(event: Event) -> None:
-    """Log associations pynetdicom itself refuses (mostly the association limit), with why.
-    Never raises."""
-    try:
-        caller, address = _requestor(event)
-        rj = getattr(event.assoc.acceptor, "primitive", None)
-        key = (getattr(rj, "result", None), getattr(rj, "result_source", None),
-               getattr(rj, "diagnostic", None))
-        reason = ASSOCIATION_REJECT_REASONS.get(
-            key, f"result {key[0]}, source {key[1]}, reason {key[2]}")
-        log.warning("refused association from AE %s at %s: %s", caller, address, reason)
-    except Exception:  # logging must not disturb the association
-        log.exception("could not describe a refused association")
-
-
-def handle_accepted(event: Event) -> None:
-    """Log presentation contexts refused at negotiation: the sender cannot store those at
-    all, and without this line nobody on our side would know why. Never raises."""
-    try:
-        caller, address = _requestor(event)
-        for cx in getattr(event.assoc, "rejected_contexts", []):
-            abstract = str(cx.abstract_syntax or "")
-            name = UID(abstract).name if is_valid_uid(abstract) else shown_uid(abstract)
-            syntaxes = ", ".join(shown_uid(ts) for ts in cx.transfer_syntax) or "none"
-            log.warning("association from AE %s at %s: refused presentation context %s with "
-                        "transfer syntax(es) %s: %s", caller, address, name, syntaxes,
-                        CONTEXT_RESULTS.get(cx.result or 0, f"result {cx.result}"))
-    except Exception:  # logging must not disturb the association
-        log.exception("could not describe refused presentation contexts")
 
 
 def _caller(event: Event) -> str:

@@ -19,13 +19,8 @@ from node.config import Config
 from node.dicom.codes import ACCEPTED_SOP_CLASSES, VERIFICATION
 from node.dicom.pixels import accepted_transfer_syntaxes
 from node.receive.allowlist import check_caller
-from node.receive.handlers import (
-    StoreContext,
-    handle_accepted,
-    handle_echo,
-    handle_rejected,
-    handle_store,
-)
+from node.receive.association import handle_accepted, handle_rejected
+from node.receive.handlers import StoreContext, handle_echo, handle_store
 from storage.db import Database
 from storage.filestore import FileStore
 
