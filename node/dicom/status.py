@@ -25,12 +25,16 @@ class Status(IntEnum):
     WARNING_DATASET_MISMATCH = 0xB007
     CANNOT_UNDERSTAND = 0xC000
     PATIENT_CONFLICT = 0xC001
+    NO_PATIENT_IDENTITY = 0xC002
+    SOP_IN_OTHER_STUDY = 0xC003
     UNSUPPORTED_SOP_CLASS = 0xC010
     BAD_UID = 0xC011
     NO_PIXEL_DATA = 0xC012
     BAD_PIXEL_MODULE = 0xC013
     UNSUPPORTED_PIXELS = 0xC014
     TOO_LARGE = 0xC015
+    NOT_APPLICABLE = 0xC016
+    STUDY_LIMIT = 0xC017
     CANNOT_DECODE = 0xC210
 
 
@@ -71,6 +75,11 @@ TABLE: dict[Status, StatusInfo] = {
     Status.CANNOT_UNDERSTAND: StatusInfo("Error: cannot understand", _B21, Kind.PERMANENT),
     Status.PATIENT_CONFLICT: StatusInfo("Error: study UID already used for another patient",
                                         _NODE, Kind.PERMANENT),
+    Status.NO_PATIENT_IDENTITY: StatusInfo(
+        "Error: no patient identity, but the study or stored SOP has one", _NODE,
+        Kind.PERMANENT),
+    Status.SOP_IN_OTHER_STUDY: StatusInfo("Error: SOP Instance UID already stored under "
+                                          "another study", _NODE, Kind.PERMANENT),
     Status.UNSUPPORTED_SOP_CLASS: StatusInfo("Error: SOP class not accepted by this node",
                                              _NODE, Kind.PERMANENT),
     Status.BAD_UID: StatusInfo("Error: missing or invalid UID", _NODE, Kind.PERMANENT),
@@ -79,8 +88,12 @@ TABLE: dict[Status, StatusInfo] = {
                                         _NODE, Kind.PERMANENT),
     Status.UNSUPPORTED_PIXELS: StatusInfo("Error: colour, float, 1- or 32-bit pixels", _NODE,
                                           Kind.PERMANENT),
-    Status.TOO_LARGE: StatusInfo("Error: dimensions over the node's limits", _NODE,
-                                 Kind.PERMANENT),
+    Status.TOO_LARGE: StatusInfo("Error: over the node's size limits (dimensions, encoded or "
+                                 "decoded size)", _NODE, Kind.PERMANENT),
+    Status.NOT_APPLICABLE: StatusInfo("Error: not a whole-body planar scan (refused by "
+                                      "[admission] setting)", _NODE, Kind.PERMANENT),
+    Status.STUDY_LIMIT: StatusInfo("Error: study over the node's per-study limits", _NODE,
+                                   Kind.PERMANENT),
     Status.CANNOT_DECODE: StatusInfo("Error: pixel data cannot be decoded", _NODE,
                                      Kind.PERMANENT),
 }
