@@ -1,8 +1,9 @@
 """Study classification with an exported Dscint: views in, per-view and per-study probabilities out.
 
-A study's views are classified in one batch and combined by averaging their probabilities
-(anterior and posterior views combined). A missing anterior or posterior view is stood in for by
-the left-right mirror of the other (paper §2.2.1), as during training.
+A study's views are classified and combined by averaging their probabilities (anterior and
+posterior views combined). A missing anterior or posterior view is stood in for by the left-right
+mirror of the other (paper §2.2.1), as during training. `StudyClassification` takes the views
+instance by instance, so a caller holds one instance's pixels at a time, with the same result.
 
 The module served is an inference-optimised copy of the verified TorchScript model (frozen,
 BatchNorm folded into the convolutions, convolutions and pooling on oneDNN): 1.8-1.9x faster
@@ -66,15 +67,34 @@ def plan_views(views: Sequence[tuple[str, np.ndarray]]
     if not views:
         raise ValueError("a study needs at least one view to classify")
     planned: list[tuple[str, str | None, np.ndarray]] = [(v, None, img) for v, img in views]
-    present = {v for v, _ in views}
-    if len(views) == 1:
-        (view, img), = views
-        stand_in = _OPPOSITE.get(view, UNKNOWN)
-        planned.append((stand_in, view, mirror(img)))
-    elif present == {ANTERIOR} or present == {POSTERIOR}:
-        first_view, first_img = views[0]
-        planned.append((_OPPOSITE[first_view], first_view, mirror(first_img)))
+    first_view, first_img = views[0]
+    stand_in = stand_in_view(first_view, {v for v, _ in views}, len(views))
+    if stand_in is not None:
+        planned.append((stand_in, first_view, mirror(first_img)))
     return planned
+
+
+def stand_in_view(first_view: str, present: set[str], count: int) -> str | None:
+    """The view the first view's mirror stands in for, None when the study needs none: a lone
+    view (of any kind) gets its opposite, and a study of anterior views only (or posterior
+    only) gets the other side."""
+    if count == 1:
+        return _OPPOSITE.get(first_view, UNKNOWN)
+    if present == {ANTERIOR} or present == {POSTERIOR}:
+        return _OPPOSITE[first_view]
+    return None
+
+
+def _combine(names: Sequence[str], planned: Sequence[tuple[str, str | None]],
+             probs: np.ndarray) -> StudyPrediction:
+    """Per-view probabilities in plan order, their mean, and its arg-max class."""
+    per_view = tuple(
+        ViewPrediction(view, src, {n: float(p) for n, p in zip(names, row, strict=True)})
+        for (view, src), row in zip(planned, probs, strict=True)
+    )
+    mean = probs.mean(axis=0)
+    study = {n: float(p) for n, p in zip(names, mean, strict=True)}
+    return StudyPrediction(names[int(np.argmax(mean))], study, per_view)
 
 
 OPTIMIZED, TORCHSCRIPT = "optimized", "torchscript"
@@ -192,21 +212,69 @@ class Classifier:
         memory peak that grows with its size (activations are ~4 MiB per image)."""
         parts = [np.zeros((0, len(self.meta.class_names)))]
         for start in range(0, len(images), SERVING_BATCH):
-            batch = preprocess_batch(images[start:start + SERVING_BATCH],
-                                     self.meta.preprocessing)
-            with torch.inference_mode():
-                parts.append(self.module(batch).double().numpy())
+            parts.append(self.predict_batch(preprocess_batch(images[start:start + SERVING_BATCH],
+                                                             self.meta.preprocessing)))
         return np.concatenate(parts)
+
+    def predict_batch(self, batch: torch.Tensor) -> np.ndarray:
+        """Probabilities (N, classes) for a preprocessed batch (N, 1, rows, cols)."""
+        with torch.inference_mode():
+            return self.module(batch).double().numpy()
 
     def classify_study(self, views: Sequence[tuple[str, np.ndarray]]) -> StudyPrediction:
         """Classify all views of one study and combine them."""
         planned = plan_views(views)
         probs = self.predict_images([img for _, _, img in planned])
-        names = self.meta.class_names
-        per_view = tuple(
-            ViewPrediction(view, src, {n: float(p) for n, p in zip(names, row, strict=True)})
-            for (view, src, _), row in zip(planned, probs, strict=True)
-        )
-        mean = probs.mean(axis=0)
-        study = {n: float(p) for n, p in zip(names, mean, strict=True)}
-        return StudyPrediction(names[int(np.argmax(mean))], study, per_view)
+        return _combine(self.meta.class_names, [(v, src) for v, src, _ in planned], probs)
+
+
+class StudyClassification:
+    """One study classified instance by instance: `add` each instance's views as they are
+    decoded (they are predicted at once and may then be freed), `result` at the end.
+
+    The result is `Classifier.classify_study` on all the views at once (same per-view order,
+    same mirrored stand-in, same mean), up to batch-composition rounding (< 1e-5). Only the
+    first view's mirror is kept meanwhile, preprocessed (one input image, ~1 MiB), and only
+    while the study may still need it as a stand-in.
+    """
+
+    def __init__(self, classifier: Classifier) -> None:
+        self._clf = classifier
+        self._planned: list[tuple[str, str | None]] = []
+        self._rows: list[np.ndarray] = []
+        self._present: set[str] = set()
+        self._first: str | None = None
+        self._mirror: torch.Tensor | None = None  # preprocessed mirror of the first view
+
+    @property
+    def count(self) -> int:
+        """Views added so far."""
+        return len(self._planned)
+
+    def add(self, views: Sequence[tuple[str, np.ndarray]]) -> None:
+        """Predict these views (one instance's) and remember only their probabilities."""
+        if not views:
+            return
+        if self._first is None:
+            self._first = views[0][0]
+            self._mirror = preprocess_batch([mirror(views[0][1])], self._clf.meta.preprocessing)
+        self._rows.append(self._clf.predict_images([img for _, img in views]))
+        self._planned += [(v, None) for v, _ in views]
+        self._present.update(v for v, _ in views)
+        if self._stand_in() is None:
+            self._mirror = None  # more views can only keep it unneeded
+
+    def _stand_in(self) -> str | None:
+        return None if self._first is None else \
+            stand_in_view(self._first, self._present, self.count)
+
+    def result(self) -> StudyPrediction:
+        """The study's prediction; ValueError when no view was added."""
+        if self._first is None:
+            raise ValueError("a study needs at least one view to classify")
+        planned, rows = list(self._planned), list(self._rows)
+        stand_in = self._stand_in()
+        if stand_in is not None and self._mirror is not None:
+            planned.append((stand_in, self._first))
+            rows.append(self._clf.predict_batch(self._mirror))
+        return _combine(self._clf.meta.class_names, planned, np.concatenate(rows))

@@ -1,4 +1,5 @@
-"""`python -m node ...`: serve, status, resend, demo, phantoms, train, retrain, models."""
+"""`python -m node ...`: serve, status, resend, requeue, demo, phantoms, train, retrain,
+models."""
 
 from __future__ import annotations
 
@@ -63,6 +64,12 @@ def _cmd_resend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_requeue(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    from node.ops.requeue import requeue
+    return requeue(cfg, args.study)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from node.demo.run import run_demo
     cfg = load_config(args.config) if args.config else None
@@ -107,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                            ("resend", "re-queue dead-lettered SR exports")):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("--config", type=Path, default=Path("config.toml"))
+    rq = sub.add_parser("requeue", help="put failed studies back in the classification queue")
+    rq.add_argument("--config", type=Path, default=Path("config.toml"))
+    which = rq.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", metavar="UID", help="this study (failed, or waiting for a "
+                       "retry: then due now)")
+    which.add_argument("--failed", action="store_true", help="every failed study")
     d = sub.add_parser("demo", help="whole loop on phantoms with an in-process PACS stand-in")
     d.add_argument("--config", type=Path, default=None,
                    help="use this config's [model].path if that file exists")
@@ -136,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"serve": _cmd_serve, "status": _cmd_status, "resend": _cmd_resend,
+            "requeue": _cmd_requeue,
             "demo": _cmd_demo, "phantoms": _cmd_phantoms, "train": _cmd_train,
             "retrain": _cmd_retrain, "models": _cmd_models}
 

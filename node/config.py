@@ -52,12 +52,23 @@ class NodeSection:
     allowed_callers: tuple[str, ...] = ()
     max_pdu: int = 1_048_576
     max_associations: int = 10
+    # the listener's gate (node.receive.listener): what a connection may do before it negotiates
+    first_pdu_timeout: float = 5.0  # s to send the A-ASSOCIATE-RQ (TLS handshake included)
+    max_pending_connections: int = 256  # waiting for their first PDU; then the oldest goes
+    max_connections_per_address: int = 10  # waiting or associated, from one IP address
+    max_connection_rate_per_address: float = 200.0  # new connections a second; 0 = no limit
+    log_lines_per_address: int = 5  # lines of each kind about one address per window
+    log_window_seconds: float = 60.0
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    store_db_wait_seconds: float = 5.0  # a C-STORE waits this long for the DB lock, then 0xA700
     worker_threads: int = 1
     torch_threads: int = 2
     receiver_process: bool = True  # the SCP in a process of its own (see node.receive.process)
+    classify_max_attempts: int = 5  # a study whose classification keeps failing: then failed
+    classify_backoff_seconds: float = 30.0  # wait before retry n: this * 2**(n-1), capped
+    classify_backoff_cap_seconds: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,9 @@ class StorageSection:
     min_free_mb: int = 512  # C-STORE answers 0xA700 below this much free disk
     retention_days: float = 0.0  # delivered studies' files purged after this; 0 = keep
     housekeeping_seconds: float = 3600.0
+    quarantine_max_copy_kib: int = 64  # a larger refused instance keeps only this prefix
+    quarantine_quota_mb: int = 1024  # quarantine/'s total; the oldest copies go first
+    quarantine_days: float = 30.0  # quarantined copies older than this go; 0 = quota only
 
 
 @dataclass(frozen=True)
@@ -136,6 +150,25 @@ class HealthSection:
     bind_address: str = "127.0.0.1"
 
 
+NOT_APPLICABLE_POLICIES = ("store", "refuse")
+
+
+@dataclass(frozen=True)
+class AdmissionSection:
+    """[admission]: size caps, and what happens to an instance that is not a whole-body
+    planar view."""
+
+    not_applicable: str = "store"  # "store": kept, Success, never classified; "refuse": 0xC016
+    max_instance_mb: int = 64  # one C-STORE's encoded size (deflated: inflated), else 0xC015
+    max_study_instances: int = 100  # instances per study, else 0xC017 (0 = no cap)
+    max_study_decoded_mb: int = 1024  # rows x columns x frames x 4 summed per study, else 0xC017
+
+    @property
+    def refuses_not_applicable(self) -> bool:
+        """C-STORE of a non-whole-body instance answered 0xC016 and quarantined."""
+        return self.not_applicable == "refuse"
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the node needs, validated."""
@@ -149,6 +182,7 @@ class Config:
     logging: LoggingSection = field(default_factory=LoggingSection)
     tls: TlsSection = field(default_factory=TlsSection)
     health: HealthSection = field(default_factory=HealthSection)
+    admission: AdmissionSection = field(default_factory=AdmissionSection)
     base_dir: Path = Path(".")
 
     @property
@@ -179,6 +213,16 @@ class Config:
     def min_free_bytes(self) -> int:
         """The free-disk watermark in bytes."""
         return self.storage.min_free_mb * 1024 * 1024
+
+    @property
+    def quarantine_max_copy_bytes(self) -> int:
+        """Largest quarantined copy in bytes (storage.filestore.QuarantineLimits)."""
+        return self.storage.quarantine_max_copy_kib * 1024
+
+    @property
+    def quarantine_quota_bytes(self) -> int:
+        """The quarantine folder's quota in bytes (storage.filestore.QuarantineLimits)."""
+        return self.storage.quarantine_quota_mb * 1024 * 1024
 
     @property
     def pacs_destination(self) -> str:
@@ -237,11 +281,15 @@ def _validate(cfg: Config) -> None:
         (1 <= len(cfg.pacs.ae_title.strip()) <= 16, "[pacs].ae_title must be 1-16 characters"),
         (cfg.node.max_pdu == 0 or cfg.node.max_pdu >= 4096, "[node].max_pdu must be 0 or >= 4096"),
         (cfg.node.worker_threads >= 1, "[node].worker_threads must be >= 1"),
+        (cfg.node.classify_max_attempts >= 1, "[node].classify_max_attempts must be >= 1"),
+        (cfg.node.classify_backoff_seconds >= 0 and cfg.node.classify_backoff_cap_seconds >= 0,
+         "[node].classify_backoff_seconds and classify_backoff_cap_seconds must be >= 0"),
         (cfg.export.max_attempts >= 1, "[export].max_attempts must be >= 1"),
         (cfg.completion.quiet_seconds > 0, "[completion].quiet_seconds must be > 0"),
         (cfg.logging.level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
          "[logging].level must be DEBUG, INFO, WARNING or ERROR"),
         *_safety_checks(cfg),
+        *_listener_checks(cfg),
     ]
     for ok, message in checks:
         if not ok:
@@ -249,8 +297,23 @@ def _validate(cfg: Config) -> None:
     cfg.caller_rules  # noqa: B018 - parses, raising ConfigError on a bad entry
 
 
+def _listener_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """Checks of the listener's [node] keys."""
+    n = cfg.node
+    return [
+        (n.max_associations >= 1, "[node].max_associations must be >= 1"),
+        (n.first_pdu_timeout > 0, "[node].first_pdu_timeout must be > 0"),
+        (n.max_pending_connections >= 1, "[node].max_pending_connections must be >= 1"),
+        (n.max_connections_per_address >= 1, "[node].max_connections_per_address must be >= 1"),
+        (n.max_connection_rate_per_address >= 0,
+         "[node].max_connection_rate_per_address must be >= 0"),
+        (n.log_lines_per_address >= 1, "[node].log_lines_per_address must be >= 1"),
+        (n.log_window_seconds > 0, "[node].log_window_seconds must be > 0"),
+    ]
+
+
 def _safety_checks(cfg: Config) -> list[tuple[bool, str]]:
-    """Checks of the [tls], [health] and resource keys."""
+    """Checks of the [tls], [health], [admission] and resource keys."""
     t, p, s = cfg.tls, cfg.pacs, cfg.storage
     return [
         (not t.enabled or bool(t.cert_file and t.key_file),
@@ -261,8 +324,19 @@ def _safety_checks(cfg: Config) -> list[tuple[bool, str]]:
          "[pacs].tls_cert_file and tls_key_file go together"),
         (s.min_free_mb >= 0, "[storage].min_free_mb must be >= 0"),
         (s.retention_days >= 0, "[storage].retention_days must be >= 0"),
+        (s.quarantine_max_copy_kib >= 1, "[storage].quarantine_max_copy_kib must be >= 1"),
+        (s.quarantine_quota_mb * 1024 >= s.quarantine_max_copy_kib,
+         "[storage].quarantine_quota_mb must hold at least one quarantine_max_copy_kib copy"),
+        (s.quarantine_days >= 0, "[storage].quarantine_days must be >= 0"),
         (s.housekeeping_seconds > 0, "[storage].housekeeping_seconds must be > 0"),
         (0 <= cfg.health.port <= 65535, "[health].port must be 0-65535"),
+        (cfg.admission.not_applicable in NOT_APPLICABLE_POLICIES,
+         '[admission].not_applicable must be "store" or "refuse"'),
+        (cfg.admission.max_instance_mb >= 1, "[admission].max_instance_mb must be >= 1"),
+        (cfg.admission.max_study_instances >= 0 and cfg.admission.max_study_decoded_mb >= 0,
+         "[admission].max_study_instances and max_study_decoded_mb must be >= 0"),
+        (0 < cfg.node.store_db_wait_seconds < cfg.node.dimse_timeout,
+         "[node].store_db_wait_seconds must be > 0 and below [node].dimse_timeout"),
     ]
 
 

@@ -1,29 +1,17 @@
-"""DICOM over TLS (PS3.15 B.1): SSL contexts built from the config, and an SCP server that
-does each TLS handshake in the connection's own thread, under a timeout, logging every failure.
+"""DICOM over TLS (PS3.15 B.1): SSL contexts built from the config, and the words for a failed
+handshake and a client certificate.
 
-Why a server subclass: pynetdicom wraps accepted sockets inside its accept loop with the
-handshake done on the spot, so one client that connects and never speaks TLS stalls every other
-caller, and a failed handshake vanishes without a trace (socketserver drops the OSError). Here
-the accept loop only wraps the socket; the handshake runs in the per-connection thread with the
-ACSE timeout, and a refusal is logged with the peer address and the reason.
+The SCP side's handshakes run in node.receive.listener's gate, non-blocking and under the
+first-PDU timeout, never on the accept thread and never in a thread of their own: one client
+that connects and never speaks TLS stalls nobody and holds no association slot.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import socket
 import ssl
-import threading
-from collections.abc import Sequence
-from typing import Any, cast
-
-from pynetdicom import AE
-from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import Config, ConfigError
-
-log = logging.getLogger(__name__)
 
 MIN_TLS = ssl.TLSVersion.TLSv1_2
 
@@ -105,7 +93,7 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _peer_name(sock: ssl.SSLSocket) -> str:
+def peer_name(sock: ssl.SSLSocket) -> str:
     """Subject common name of the client certificate, or 'none' (device names, not PHI)."""
     cert = sock.getpeercert()
     if not cert:
@@ -115,64 +103,3 @@ def _peer_name(sock: ssl.SSLSocket) -> str:
             if pair[0] == "commonName":
                 return str(pair[1])
     return "(no common name)"
-
-
-class TlsAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with the TLS handshake moved off the accept loop."""
-
-    def __init__(self, *args: Any, handshake_timeout: float = 30.0, **kwargs: Any) -> None:
-        """As ThreadedAssociationServer, plus the handshake timeout in seconds."""
-        self.handshake_timeout = handshake_timeout
-        super().__init__(*args, **kwargs)
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        """Accept and wrap, without handshaking here (that would block every caller)."""
-        listener = cast(socket.socket, self.socket)
-        client, address = listener.accept()
-        if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True,
-                                                  do_handshake_on_connect=False)
-        return client, address
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        """Handshake (in this connection's thread), then the association as usual."""
-        if isinstance(request, ssl.SSLSocket) and not self._handshake(request, client_address):
-            self.shutdown_request(request)
-            return
-        super().process_request_thread(request, client_address)
-
-    def _handshake(self, sock: ssl.SSLSocket, address: Any) -> bool:
-        """True when the handshake succeeded; a failure is logged with its reason."""
-        host = address[0] if isinstance(address, tuple) else str(address)
-        previous = sock.gettimeout()
-        sock.settimeout(self.handshake_timeout)
-        try:
-            sock.do_handshake()
-        except (ssl.SSLError, OSError) as exc:
-            log.warning("refused TLS connection from %s: %s", host, describe_failure(exc))
-            return False
-        finally:
-            with contextlib.suppress(OSError):  # the socket died meanwhile: nothing to restore
-                sock.settimeout(previous)
-        log.info("TLS %s from %s, client certificate: %s", sock.version(), host,
-                 _peer_name(sock))
-        return True
-
-
-def start_scp(ae: AE, address: tuple[str, int], handlers: Sequence[Any],
-              ssl_context: ssl.SSLContext | None, handshake_timeout: float
-              ) -> ThreadedAssociationServer:
-    """Start the SCP in a background thread: plain pynetdicom without TLS, the
-    handshake-in-thread server with it."""
-    if ssl_context is None:
-        server = ae.start_server(address, block=False, evt_handlers=list(handlers))
-        if server is None:  # only None when block=True
-            raise RuntimeError("SCP did not start")
-        return server
-    tls_server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=list(handlers),
-                                server_class=TlsAssociationServer,
-                                handshake_timeout=handshake_timeout)
-    thread = threading.Thread(target=tls_server.serve_forever, name="TlsAcceptor", daemon=True)
-    thread.start()
-    ae._servers.append(tls_server)  # as start_server does: shutdown() removes it from there
-    return cast(ThreadedAssociationServer, tls_server)

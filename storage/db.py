@@ -9,7 +9,10 @@ is used unchanged; the queries (``storage.intake``, ``jobs``, ``exports``, ``rep
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -34,8 +37,11 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
+
+from storage.migrate import reconcile
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +52,21 @@ SQLITE_BUSY_TIMEOUT_MS = 30000
 SQLITE_POOL_SIZE = 10
 SQLITE_POOL_OVERFLOW = 40
 READ_ONLY_OPTION = "dscint_read_only"
+LOCK_WAIT_OPTION = "dscint_lock_wait_ms"  # a session's own bound on waiting for the write lock
+SQLITE_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: the lock wait ran out
 
 
 class StudyState(StrEnum):
-    """Life of a study: receiving -> complete -> classifying -> classified | failed."""
+    """Life of a study: receiving -> complete -> classifying -> classified | failed; or
+    receiving -> not_applicable when no instance is a whole-body planar view (never
+    classified; see storage.intake.mark_complete)."""
 
     RECEIVING = "receiving"
     COMPLETE = "complete"
     CLASSIFYING = "classifying"
     CLASSIFIED = "classified"
     FAILED = "failed"
+    NOT_APPLICABLE = "not_applicable"
 
 
 class CompletionReason(StrEnum):
@@ -152,6 +163,8 @@ class Study(Base):
     late_instance_count: Mapped[int] = mapped_column(Integer, default=0)
     patient_key: Mapped[str | None] = mapped_column(Text, default=None)
     calling_ae: Mapped[str] = mapped_column(String(AE), default="")
+    # not_applicable: why; a classified study: which instances were left out (None: none)
+    applicability_reason: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class Instance(Base):
@@ -172,6 +185,12 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     calling_ae: Mapped[str] = mapped_column(String(AE), default="")
     late: Mapped[bool] = mapped_column(Boolean, default=False)
+    # rows x columns x frames x 4 (float32 decoded): the per-study cap sums it
+    decoded_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # the applicability gate's verdict (node.dicom.applicability): only whole-body planar
+    # views are classified; the reason carries no patient data
+    applicable: Mapped[bool] = mapped_column(Boolean, default=True)
+    applicability_reason: Mapped[str] = mapped_column(Text, default="")
 
 
 class Job(Base):
@@ -195,7 +214,11 @@ class Job(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
-    error: Mapped[str | None] = mapped_column(Text, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)  # why it failed for good
+    # a retried job is not claimed before this time (None: at once); last_error says why the
+    # previous attempt failed (redacted, no PHI)
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class Result(Base):
@@ -278,9 +301,17 @@ def _sqlite_begin(conn: Any) -> None:
     """Take the write lock up front (no lock upgrade, no SQLITE_BUSY deadlock).
 
     Read-only sessions (``Database.read_session``) use a deferred BEGIN: in WAL mode
-    they read a snapshot and never wait for writers.
+    they read a snapshot and never wait for writers. A session with a lock wait of its own
+    (``Database.with_lock_wait``) sets the connection's busy timeout first: the pooled
+    connection remembers its value, so the pragma runs only when it changes.
     """
-    deferred = conn.get_execution_options().get(READ_ONLY_OPTION, False)
+    options = conn.get_execution_options()
+    wait_ms = int(options.get(LOCK_WAIT_OPTION, SQLITE_BUSY_TIMEOUT_MS))
+    info = conn.connection.info
+    if info.get(LOCK_WAIT_OPTION, SQLITE_BUSY_TIMEOUT_MS) != wait_ms:
+        conn.exec_driver_sql(f"PRAGMA busy_timeout={wait_ms}")
+        info[LOCK_WAIT_OPTION] = wait_ms
+    deferred = options.get(READ_ONLY_OPTION, False)
     conn.exec_driver_sql("BEGIN DEFERRED" if deferred else "BEGIN IMMEDIATE")
 
 
@@ -300,6 +331,28 @@ def make_engine(url: str) -> Engine:
     event.listen(engine, "connect", _sqlite_connect)
     event.listen(engine, "begin", _sqlite_begin)
     return engine
+
+
+class DatabaseBusy(Exception):
+    """The write lock was not had within the session's lock wait (another writer holds it)."""
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    """True when a driver error means the lock wait ran out (SQLite busy or locked)."""
+    code = getattr(getattr(exc, "orig", None), "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in SQLITE_BUSY  # extended codes included
+
+
+@contextmanager
+def lock_wait_as_busy(what: str) -> Iterator[None]:
+    """Turn a lock wait that ran out into DatabaseBusy, so callers outside storage (which
+    never import sqlalchemy) can answer "busy, try later"; other errors pass unchanged."""
+    try:
+        yield
+    except OperationalError as exc:
+        if is_lock_timeout(exc):
+            raise DatabaseBusy(f"{what}: database write lock not had in time") from exc
+        raise
 
 
 class Database:
@@ -327,9 +380,21 @@ class Database:
         """A session for reads only; on SQLite it does not take the write lock."""
         return self._read_sessions()
 
+    def with_lock_wait(self, seconds: float) -> Database:
+        """This database (same engine and pool) whose write sessions wait at most `seconds`
+        for SQLite's write lock, where the default waits SQLITE_BUSY_TIMEOUT_MS: the receiver
+        must answer a camera well within its DIMSE timeout. Other backends: unchanged."""
+        view = copy.copy(self)
+        view._sessions = sessionmaker(
+            bind=self.engine.execution_options(**{LOCK_WAIT_OPTION: round(seconds * 1000)}),
+            expire_on_commit=False)
+        return view
+
     def create_all(self) -> None:
-        """Create missing tables and indexes (idempotent)."""
+        """Create missing tables, and bring existing ones up to this version's columns,
+        states and indexes (storage.migrate; idempotent)."""
         Base.metadata.create_all(self.engine)
+        reconcile(self.engine, Base.metadata)
 
     def dispose(self) -> None:
         """Close pooled connections (at shutdown, or in a child process after fork)."""

@@ -5,6 +5,11 @@ renamed into place with ``os.replace`` and the parent directory is fsynced: afte
 returns, a power cut cannot leave a truncated or missing file behind. Readers never see a
 partial file, and temp files live only under ``tmp/`` with their own suffix, so they can
 never be mistaken for data.
+
+The quarantine is bounded, since whoever sends bad data decides how much of it arrives: a
+refused instance larger than `QuarantineLimits.max_copy_bytes` keeps only that prefix (its
+header, where what was wrong almost always is; named ``*-truncated.dcm``), and once the folder
+passes `quota_bytes` the oldest copies go first. Reasons are redacted like log lines.
 """
 
 from __future__ import annotations
@@ -14,17 +19,64 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 TEMP_SUFFIX = ".partial"
+COPY_CHUNK = 1024 * 1024  # staging copies a received file in pieces this size
 MAX_UID_LENGTH = 64
 _UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _HINT_UNSAFE_RE = re.compile(r"[^A-Za-z0-9.\-]+")
 _MAX_HINT_LENGTH = 64
+# quarantine/: <stamp>_<hint>_<token>[-truncated] then .dcm or .reason.txt; the stamp sorts
+# by time, so the oldest copies are the first names
+_QUARANTINE_NAME_RE = re.compile(
+    r"(?P<stem>\d{8}T\d{6}\.\d{6}Z_.*_[0-9a-f]{8}(?:-truncated)?)\.(?:dcm|reason\.txt)")
+TRUNCATED_MARK = "-truncated"
+_BLOCK = 4096  # quota accounting rounds each file up to a block: tiny files still cost one
+_QUOTA_LOW_WATER = 0.9  # a trim frees down to this share of the quota (not one file per write)
+MAX_REASON_CHARS = 1000
+# node/logs.py's rule for exception messages (storage cannot import node/): quoted values
+# blanked; an English possessive ("the request's") is not a quote and stays.
+_QUOTED_OR_POSSESSIVE = re.compile(r"""(?P<keep>(?<=[A-Za-z])'s\b)|b?'[^']*'?|b?"[^"]*"?""")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+@dataclass(frozen=True)
+class QuarantineLimits:
+    """Bounds of ``quarantine/`` ([storage].quarantine_max_copy_kib, quarantine_quota_mb)."""
+
+    max_copy_bytes: int = 64 * 1024  # a larger refused instance keeps only this prefix
+    quota_bytes: int = 1024 * 1024 * 1024  # the folder's total; the oldest copies go first
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_copy_bytes <= self.quota_bytes:
+            raise ValueError("quarantine limits need 1 <= max_copy_bytes <= quota_bytes")
+
+
+@dataclass(frozen=True)
+class QuarantineUsage:
+    """What ``quarantine/`` holds (its own copies and reasons; other files are not counted)."""
+
+    files: int
+    size_bytes: int  # each file rounded up to a 4 KiB block
+
+
+def redact_reason(reason: str) -> str:
+    """A quarantine reason as a log line would show it: one line, quoted values blanked
+    (node.logs.redacted's rule), at most MAX_REASON_CHARS characters."""
+    flat = _CONTROL.sub(" ", reason).strip()
+    text = _QUOTED_OR_POSSESSIVE.sub(lambda m: m.group("keep") or "<value>", flat)
+    return text[:MAX_REASON_CHARS]
+
+
+def _disk_size(n_bytes: int) -> int:
+    return -(-n_bytes // _BLOCK) * _BLOCK
 
 
 def validate_uid(uid: str) -> str:
@@ -60,14 +112,20 @@ def fsync_dir(path: Path) -> None:
 class FileStore:
     """Files under one root: ``studies/``, ``sr/``, ``quarantine/`` and ``tmp/``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, quarantine_limits: QuarantineLimits | None = None) -> None:
         """Create the layout; the root must be on one filesystem so renames are atomic."""
         self.root = Path(root)
+        self.quarantine_limits = quarantine_limits or QuarantineLimits()
+        self._quarantine_lock = threading.Lock()
+        self._quarantine_bytes: int | None = None  # running total, scanned at first use
         self.studies = self.root / "studies"
         self.sr = self.root / "sr"
         self.quarantine_dir = self.root / "quarantine"
         self.tmp = self.root / "tmp"
-        for d in (self.studies, self.quarantine_dir, self.tmp, self.sr):
+        # where the receiver process's pynetdicom writes datasets as they arrive (its files
+        # only; on the store's filesystem, so the free-disk watermark sees them)
+        self.receiving = self.root / "receiving"
+        for d in (self.studies, self.quarantine_dir, self.tmp, self.sr, self.receiving):
             self._ensure_dir(d)
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
@@ -86,31 +144,143 @@ class FileStore:
         self._write_durable(path, data)
         return path
 
+    def stage(self, source: Path | bytes) -> Path:
+        """A durable copy of a received file (copied in chunks) or of bytes under ``tmp/``,
+        fsynced. It becomes an instance only by `publish`, once its row is committed, or goes
+        by `discard`: a refused or unrecorded instance leaves no file, and a re-sent SOP's
+        stored file stays as it was until then."""
+        tmp_path = self.tmp / f"{secrets.token_hex(12)}{TEMP_SUFFIX}"
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                if isinstance(source, bytes):
+                    fh.write(source)
+                else:
+                    with source.open("rb") as src:
+                        shutil.copyfileobj(src, fh, COPY_CHUNK)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
+        return tmp_path
+
+    def publish(self, staged: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Rename a staged file to its instance path (atomically replacing a re-sent SOP's
+        file) and make the rename durable."""
+        path = self.instance_path(study_uid, series_uid, sop_uid)
+        self._ensure_dir(path.parent)
+        os.replace(staged, path)
+        fsync_dir(path.parent)
+        return path
+
+    def discard(self, staged: Path) -> None:
+        """Remove a staged file that will not be published (never touches anything else)."""
+        if staged.parent != self.tmp or staged.suffix != TEMP_SUFFIX:
+            raise ValueError(f"not a staged file: {staged.name}")
+        staged.unlink(missing_ok=True)
+
     def write_sr(self, study_uid: str, sop_uid: str, data: bytes) -> Path:
         """Durably store an encoded SR before its export is queued."""
         path = self.sr_path(study_uid, sop_uid)
         self._write_durable(path, data)
         return path
 
-    def quarantine(self, data: bytes, reason: str, hint: str) -> Path:
-        """Keep refused bytes with a sibling ``.reason.txt`` so an admin can see why."""
+    def quarantine(self, data: bytes, reason: str, hint: str,
+                   received_bytes: int | None = None) -> Path:
+        """Keep refused bytes with a sibling ``.reason.txt`` so an admin can see why: at most
+        `max_copy_bytes` of them (then named ``*-truncated.dcm``), the reason redacted, the
+        oldest copies dropped once the quota is passed. `received_bytes`: the instance's whole
+        size when `data` is already a prefix of it."""
+        limits = self.quarantine_limits
+        whole = max(len(data), received_bytes or 0)
+        kept = data[:limits.max_copy_bytes]
+        truncated = whole > len(kept)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         stem = f"{stamp}_{sanitise_hint(hint)}_{secrets.token_hex(4)}"
+        stem += TRUNCATED_MARK if truncated else ""
+        text = redact_reason(reason)
+        if truncated:
+            text += (f"\ntruncated: the first {len(kept)} of {whole} bytes received are kept "
+                     "([storage].quarantine_max_copy_kib)")
+        note = text.encode("utf-8", errors="replace") + b"\n"
         path = self.quarantine_dir / f"{stem}.dcm"
-        self._write_durable(path, data)
-        self._write_durable(self.quarantine_dir / f"{stem}.reason.txt",
-                            reason.encode("utf-8", errors="replace") + b"\n")
-        log.info("quarantined %d bytes as %s", len(data), path.name)
+        self._write_durable(path, kept)
+        self._write_durable(self.quarantine_dir / f"{stem}.reason.txt", note)
+        log.info("quarantined %d of %d bytes as %s", len(kept), whole, path.name)
+        self._charge_quarantine(_disk_size(len(kept)) + _disk_size(len(note)))
         return path
 
+    def quarantine_usage(self) -> QuarantineUsage:
+        """Files and bytes the quarantine's own copies and reasons hold now."""
+        entries = self._quarantine_entries()
+        return QuarantineUsage(len(entries), sum(size for _, _, size in entries))
+
+    def trim_quarantine(self, quota_bytes: int | None = None) -> int:
+        """Drop the oldest copies (with their reasons) while the folder is over the quota, down
+        to 90 % of it; how many files went. Housekeeping calls it too, so the quota holds
+        when another process or machine writes into the same folder."""
+        quota = self.quarantine_limits.quota_bytes if quota_bytes is None else quota_bytes
+        with self._quarantine_lock:
+            removed, self._quarantine_bytes = self._trim(quota)
+        return removed
+
+    def _charge_quarantine(self, n_bytes: int) -> None:
+        """Add a new copy to the running total; trim when it passes the quota (the total is
+        scanned at first use and after each trim, so other writers cannot fool it for long)."""
+        with self._quarantine_lock:
+            if self._quarantine_bytes is None:
+                self._quarantine_bytes = self.quarantine_usage().size_bytes
+            else:
+                self._quarantine_bytes += n_bytes
+            if self._quarantine_bytes > self.quarantine_limits.quota_bytes:
+                _, self._quarantine_bytes = self._trim(self.quarantine_limits.quota_bytes)
+
+    def _trim(self, quota: int) -> tuple[int, int]:
+        """(files removed, bytes left): oldest copies first down to the low water."""
+        entries = self._quarantine_entries()
+        total = sum(size for _, _, size in entries)
+        if total <= quota:
+            return 0, total
+        target = int(quota * _QUOTA_LOW_WATER)
+        removed = 0
+        by_stem: dict[str, list[tuple[Path, int]]] = {}
+        for stem, path, size in sorted(entries, key=lambda e: e[0]):
+            by_stem.setdefault(stem, []).append((path, size))
+        for files in list(by_stem.values())[:-1]:  # the newest copy always stays
+            if total <= target:
+                break
+            for path, size in files:
+                path.unlink(missing_ok=True)
+                removed, total = removed + 1, total - size
+        log.warning("quarantine over its quota of %.1f MiB: removed the oldest %d file(s)",
+                    quota / 2**20, removed)
+        return removed, total
+
+    def _quarantine_entries(self) -> list[tuple[str, Path, int]]:
+        """(stem, path, block-rounded size) of every copy and reason in ``quarantine/``."""
+        entries = []
+        with os.scandir(self.quarantine_dir) as it:
+            for entry in it:
+                match = _QUARANTINE_NAME_RE.fullmatch(entry.name)
+                if match is None or not entry.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    size = entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:  # removed meanwhile (housekeeping)
+                    continue
+                entries.append((match["stem"], Path(entry.path), _disk_size(size)))
+        return entries
+
     def sweep_temp(self, older_than_seconds: float = 0.0) -> int:
-        """Delete temp files left by a crash; only ``tmp/*.partial`` is ever touched.
+        """Delete temp files left by a crash or a transfer cut off mid-way; only
+        ``tmp/*.partial`` and ``receiving/*`` are ever touched.
 
         ``older_than_seconds`` lets a running node sweep without racing its own writes.
         """
         cutoff = time.time() - older_than_seconds
         removed = 0
-        for p in self.tmp.glob(f"*{TEMP_SUFFIX}"):
+        for p in [*self.tmp.glob(f"*{TEMP_SUFFIX}"), *self.receiving.glob("*")]:
             try:
                 if p.is_file() and not p.is_symlink() and p.stat().st_mtime <= cutoff:
                     p.unlink()
@@ -119,6 +289,18 @@ class FileStore:
                 continue
         if removed:
             log.warning("removed %d leftover temp file(s) from %s", removed, self.tmp)
+        return removed
+
+    def clear_receiving(self) -> int:
+        """Delete every file under ``receiving/``: the receiver process calls it before it
+        listens (it is that directory's only writer, so whatever is there is left over)."""
+        removed = 0
+        for p in self.receiving.glob("*"):
+            if p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.warning("removed %d dataset(s) left over in %s", removed, self.receiving)
         return removed
 
     def free_bytes(self) -> int:

@@ -1,7 +1,12 @@
-"""Intake: received instances in, studies declared complete (one classify job each).
+"""Intake: received instances in, studies declared complete (one classify job each), or not
+applicable (no whole-body planar view among them: never classified).
 
 ``record_instance`` runs on every C-STORE, so it uses Core statements prepared once at import;
 everything else is a short ORM-free transaction returning plain dataclasses.
+
+Only instances the applicability gate (node.dicom.applicability) found to be whole-body planar
+views count: for the anterior/posterior completion rule, for classification and for retraining
+(``study_instances``). The others are stored and listed, never classified.
 """
 
 from __future__ import annotations
@@ -9,9 +14,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import cast
 
-from sqlalchemy import Connection, Table, bindparam, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from storage.common import (
@@ -25,7 +31,16 @@ from storage.common import (
     split_views,
     utc_now,
 )
-from storage.db import CompletionReason, Database, Instance, Job, JobState, Study, StudyState
+from storage.db import (
+    CompletionReason,
+    Database,
+    Instance,
+    Job,
+    JobState,
+    Study,
+    StudyState,
+    lock_wait_as_busy,
+)
 from storage.filestore import validate_uid
 
 log = logging.getLogger(__name__)
@@ -48,6 +63,30 @@ class InstanceRecord:
     size_bytes: int
     calling_ae: str
     patient_key: str | None
+    # the applicability gate's verdict (the receiver always passes it; True for callers that
+    # record known whole-body views, such as tests and benchmarks)
+    applicable: bool = True
+    applicability_reason: str = ""
+    decoded_bytes: int = 0  # rows x columns x frames x 4: what the per-study cap sums
+
+
+class Refusal(StrEnum):
+    """Why record_instance kept nothing; the receiver answers each with its own status."""
+
+    PATIENT_MISMATCH = "patient_mismatch"  # the study holds another patient's instances
+    NO_PATIENT_IDENTITY = "no_patient_identity"  # no patient attributes, the study has some
+    SOP_IN_OTHER_STUDY = "sop_in_other_study"  # refused, never moved: the old file would orphan
+    STUDY_INSTANCES = "study_instances"  # the study already holds its maximum of instances
+    STUDY_DECODED_BYTES = "study_decoded_bytes"  # the study's decoded size would pass its cap
+
+
+@dataclass(frozen=True)
+class StudyLimits:
+    """Per-study caps, checked under the study's row lock so racing C-STOREs cannot both
+    slip under them (0 = no cap)."""
+
+    max_instances: int = 0
+    max_decoded_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,6 +100,8 @@ class RecordOutcome:
     has_anterior: bool
     has_posterior: bool
     patient_mismatch: bool
+    refusal: Refusal | None = None  # set when nothing was recorded
+    detail: str = ""  # the refusal's particulars for its log line: UIDs and counts only
 
 
 @dataclass(frozen=True)
@@ -74,15 +115,25 @@ class InstanceInfo:
     views: tuple[str, ...]
     n_frames: int
     late: bool
+    applicable: bool = True
+    applicability_reason: str = ""
 
 
-def record_instance(db: Database, rec: InstanceRecord, now: datetime | None = None
-                    ) -> RecordOutcome:
+def record_instance(db: Database, rec: InstanceRecord, now: datetime | None = None,
+                    limits: StudyLimits | None = None) -> RecordOutcome:
     """Record a durably written instance; commit before the SCP answers Success.
 
     Re-sent SOP UIDs update their row, instances of an already classified study are kept
     and flagged late, and a study UID reused for another patient is refused (nothing
-    inserted, ``patient_mismatch``) so two patients' images never merge.
+    inserted, ``patient_mismatch``) so two patients' images never merge. Only an applicable
+    instance's views count towards completion; one arriving in a study already found not
+    applicable reopens it (receiving again), so a whole-body scan sent after the camera's
+    pause is classified after all.
+
+    Refused, with nothing written (``refusal`` says why): an instance without patient
+    attributes joining a study that has a patient, a SOP UID already stored under another
+    study, a study over ``limits``. DatabaseBusy when the write lock was not had within the
+    session's lock wait (nothing written either).
     """
     when = utc_now(now)
     views = join_views(rec.views)
@@ -91,13 +142,26 @@ def record_instance(db: Database, rec: InstanceRecord, now: datetime | None = No
         validate_uid(uid)  # same refusal on SQLite as PostgreSQL's VARCHAR(64) would give
 
     def attempt() -> RecordOutcome:
-        with db.session() as s, s.begin():
-            return _record(s, rec, views, when)
+        try:
+            with db.session() as s, s.begin():
+                return _record(s, rec, views, when, limits)
+        except _Refused as refused:  # raised inside: a study row inserted for it rolls back
+            return refused.outcome
 
-    return retry_on_conflict(attempt, "record_instance")
+    with lock_wait_as_busy("record_instance"):
+        return retry_on_conflict(attempt, "record_instance")
 
 
-def _record(s: Session, rec: InstanceRecord, views: str, when: datetime) -> RecordOutcome:
+class _Refused(Exception):
+    """Leaves the transaction so it rolls back, carrying the outcome to return."""
+
+    def __init__(self, outcome: RecordOutcome) -> None:
+        super().__init__(outcome.refusal)
+        self.outcome = outcome
+
+
+def _record(s: Session, rec: InstanceRecord, views: str, when: datetime,
+            limits: StudyLimits | None = None) -> RecordOutcome:
     """Prepared Core statements on the session's connection: building ORM statements and
     their cache keys anew on every C-STORE costs more Python than the SQL itself."""
     conn = s.connection()
@@ -118,24 +182,35 @@ def _record(s: Session, rec: InstanceRecord, views: str, when: datetime) -> Reco
                         rec.study_uid, rec.sop_uid)
             return RecordOutcome(new_study=False, duplicate=False, late=False,
                                  study_state=StudyState(state),
-                                 has_anterior=ant, has_posterior=post, patient_mismatch=True)
+                                 has_anterior=ant, has_posterior=post, patient_mismatch=True,
+                                 refusal=Refusal.PATIENT_MISMATCH)
     existing = conn.execute(_SELECT_INSTANCE, {"sop_uid": rec.sop_uid}).one_or_none()
-    if existing is not None and existing.study_uid == rec.study_uid:
+    refused = _refusal(conn, rec, key, None if existing is None else existing.study_uid,
+                       limits)
+    if refused is not None:
+        raise _Refused(RecordOutcome(
+            new_study=False, duplicate=existing is not None, late=False,
+            study_state=StudyState(state), has_anterior=ant, has_posterior=post,
+            patient_mismatch=False, refusal=refused[0], detail=refused[1]))
+    if existing is not None:
         late, added = bool(existing.late), 0  # a re-send keeps its original late flag
     else:
-        if existing is not None:
-            _detach_from_study(conn, rec.sop_uid, existing.study_uid, bool(existing.late))
         late, added = StudyState(state) in LATE_STATES, 1
     fields = {"study_uid": rec.study_uid, "series_uid": rec.series_uid,
               "sop_class_uid": rec.sop_class_uid, "transfer_syntax_uid": rec.transfer_syntax_uid,
               "path": rec.path, "views": views, "n_frames": rec.n_frames,
               "size_bytes": rec.size_bytes, "received_at": when, "calling_ae": rec.calling_ae,
-              "late": late}
+              "late": late, "applicable": rec.applicable, "decoded_bytes": rec.decoded_bytes,
+              "applicability_reason": rec.applicability_reason}
     if existing is None:
         conn.execute(_INSERT_INSTANCE, {"sop_uid": rec.sop_uid, **fields})
     else:
         conn.execute(_UPDATE_INSTANCE, {"b_sop_uid": rec.sop_uid, **fields})
-    ant, post = ant or ANTERIOR in rec.views, post or POSTERIOR in rec.views
+    if rec.applicable:  # a spot view labelled ANT must not complete a whole-body study
+        ant, post = ant or ANTERIOR in rec.views, post or POSTERIOR in rec.views
+        if state == StudyState.NOT_APPLICABLE.value:
+            _reopen(conn, rec.study_uid, rec.sop_uid)
+            state = StudyState.RECEIVING.value
     conn.execute(_UPDATE_STUDY, {
         "b_study_uid": rec.study_uid, "b_added": added, "b_late_added": int(late and added),
         "b_ant": ant, "b_post": post, "b_last": max(last, when),
@@ -155,6 +230,9 @@ _INSERT_STUDY = insert(_STUDIES)
 _SELECT_INSTANCE = select(_INSTANCES.c.study_uid, _INSTANCES.c.late).where(
     _INSTANCES.c.sop_uid == bindparam("sop_uid")).with_for_update()
 _INSERT_INSTANCE = insert(_INSTANCES)
+_STUDY_TOTALS = select(func.count(), func.coalesce(func.sum(_INSTANCES.c.decoded_bytes), 0)
+                       ).where(_INSTANCES.c.study_uid == bindparam("study_uid"),
+                               _INSTANCES.c.sop_uid != bindparam("sop_uid"))
 _UPDATE_INSTANCE = update(_INSTANCES).where(_INSTANCES.c.sop_uid == bindparam("b_sop_uid"))
 _UPDATE_STUDY = update(_STUDIES).where(_STUDIES.c.study_uid == bindparam("b_study_uid")).values(
     instance_count=_STUDIES.c.instance_count + bindparam("b_added"),
@@ -163,54 +241,104 @@ _UPDATE_STUDY = update(_STUDIES).where(_STUDIES.c.study_uid == bindparam("b_stud
     last_instance_at=bindparam("b_last"), patient_key=bindparam("b_key"))
 
 
+def _reopen(conn: Connection, study_uid: str, sop_uid: str) -> None:
+    """A whole-body view arrived in a study found not applicable: receiving again."""
+    log.info("study %s: whole-body instance %s arrived after the study was found not "
+             "applicable; receiving again", study_uid, sop_uid)
+    conn.execute(update(Study).where(Study.study_uid == study_uid).values(
+        state=StudyState.RECEIVING.value, completed_at=None, completion_reason=None,
+        applicability_reason=None))
+
+
+def _refusal(conn: Connection, rec: InstanceRecord, study_key: str | None,
+             stored_in: str | None, limits: StudyLimits | None) -> tuple[Refusal, str] | None:
+    """The identity rules, then the per-study caps (a re-send replaces its own share)."""
+    if rec.patient_key is None and study_key is not None:
+        return Refusal.NO_PATIENT_IDENTITY, f"study {rec.study_uid} already has a patient"
+    if stored_in is not None and stored_in != rec.study_uid:
+        return Refusal.SOP_IN_OTHER_STUDY, f"stored under study {stored_in}"
+    if limits is None or not (limits.max_instances or limits.max_decoded_bytes):
+        return None
+    count, total = conn.execute(_STUDY_TOTALS, {"study_uid": rec.study_uid,
+                                                "sop_uid": rec.sop_uid}).one()
+    if limits.max_instances and count >= limits.max_instances:
+        return Refusal.STUDY_INSTANCES, \
+            f"study {rec.study_uid} already holds {count} other instance(s)"
+    if limits.max_decoded_bytes and total + rec.decoded_bytes > limits.max_decoded_bytes:
+        return Refusal.STUDY_DECODED_BYTES, \
+            f"study {rec.study_uid} would decode to {total + rec.decoded_bytes} bytes"
+    return None
+
+
 def _patient_mismatch(stored: str | None, incoming: str | None) -> bool:
     """The one patient rule: only two known, different keys are a conflict."""
     return stored is not None and incoming is not None and stored != incoming
 
 
-def patient_conflict(db: Database, study_uid: str, patient_key: str | None) -> bool:
-    """Would an instance of this patient conflict with the study as stored? The receiver asks
-    before a re-sent SOP's file is replaced; record_instance asks again under the row lock."""
-    with db.read_session() as s:
-        stored = s.execute(select(Study.patient_key).where(Study.study_uid == study_uid)
-                           ).scalar_one_or_none()
-    return _patient_mismatch(stored, patient_key)
-
-
-def _detach_from_study(conn: Connection, sop_uid: str, old_study: str, was_late: bool) -> None:
-    """A SOP UID re-sent under another study: take it off the old study's counts and views."""
-    log.warning("SOP %s re-sent under study different from %s; moving it", sop_uid, old_study)
-    conn.execute(_SELECT_STUDY, {"study_uid": old_study}).one()  # lock its row first, as before
-    others = conn.execute(select(Instance.views).where(Instance.study_uid == old_study,
-                                                       Instance.sop_uid != sop_uid)
-                          ).scalars().all()
-    present = {v for row in others for v in split_views(row)}
-    conn.execute(update(Study).where(Study.study_uid == old_study).values(
-        instance_count=Study.instance_count - 1,
-        late_instance_count=Study.late_instance_count - int(was_late),
-        has_anterior=ANTERIOR in present, has_posterior=POSTERIOR in present))
-
-
 def mark_complete(db: Database, study_uid: str, reason: CompletionReason,
                   now: datetime | None = None) -> bool:
-    """receiving -> complete plus one pending classify job; False if not receiving.
+    """receiving -> complete plus one pending classify job, or receiving -> not_applicable
+    (no job) when no instance is a whole-body planar view. True only when a job was queued;
+    False if not receiving (or not applicable).
+
+    A study that mixes whole-body views with other NM images (spot views, a three-phase
+    bone scan's flow and blood-pool images, SPECT, a renal dynamic) is classified on its
+    whole-body views alone, and the study records what was left out. That is what the
+    reading physician expects: spot views and SPECT are routinely added to a bone scan and its
+    whole-body views are still the images to read, and Dscint only ever sees those (the worker
+    and the SR reference nothing else), so no other image is diagnosed. Refusing the whole
+    study would silently drop most real bone scans. Which tracer a whole-body image shows is
+    not decided here. A study with no whole-body view is never classified.
 
     The conditional UPDATE makes the transition happen once even when the SCP and the
     quiet sweep race, so exactly one job is created.
     """
     when = utc_now(now)
     with db.session() as s, s.begin():
-        res = s.execute(update(Study)
-                        .where(Study.study_uid == study_uid,
-                               Study.state == StudyState.RECEIVING.value)
-                        .values(state=StudyState.COMPLETE.value, completed_at=when,
-                                completion_reason=CompletionReason(reason).value)
-                        .execution_options(**NO_SYNC))
-        if rowcount(res) != 1:
+        s.execute(select(Study.state).where(Study.study_uid == study_uid).with_for_update())
+        applicable, others, first_reason = _applicability(s, study_uid)
+        if applicable == 0:
+            why = (f"no whole-body planar view among {others} instance(s): "
+                   f"{first_reason or 'no instances'}")
+            if _transition(s, study_uid, StudyState.NOT_APPLICABLE, reason, when, why):
+                log.info("study %s not applicable, not classified: %s", study_uid, why)
+            return False
+        note = None if others == 0 else (
+            f"classified on {applicable} whole-body instance(s); {others} other instance(s) "
+            f"left out: {first_reason}")
+        if not _transition(s, study_uid, StudyState.COMPLETE, reason, when, note):
             return False
         s.add(Job(study_uid=study_uid, kind=CLASSIFY, state=JobState.PENDING.value,
                   attempts=0, created_at=when))
+    if note is not None:
+        log.info("study %s: %s", study_uid, note)
     return True
+
+
+def _applicability(s: Session, study_uid: str) -> tuple[int, int, str | None]:
+    """(applicable instances, other instances, the first other one's reason)."""
+    counts = {bool(applicable): int(n) for applicable, n in
+              s.execute(select(Instance.applicable, func.count())
+                        .where(Instance.study_uid == study_uid)
+                        .group_by(Instance.applicable))}
+    first = s.execute(select(Instance.applicability_reason)
+                      .where(Instance.study_uid == study_uid, Instance.applicable.is_(False))
+                      .order_by(Instance.received_at, Instance.sop_uid).limit(1)
+                      ).scalar_one_or_none()
+    return int(counts.get(True, 0)), int(counts.get(False, 0)), first
+
+
+def _transition(s: Session, study_uid: str, to: StudyState, reason: CompletionReason,
+                when: datetime, note: str | None) -> bool:
+    """receiving -> `to`, once; False when the study was not receiving."""
+    res = s.execute(update(Study)
+                    .where(Study.study_uid == study_uid,
+                           Study.state == StudyState.RECEIVING.value)
+                    .values(state=to.value, completed_at=when,
+                            completion_reason=CompletionReason(reason).value,
+                            applicability_reason=note)
+                    .execution_options(**NO_SYNC))
+    return rowcount(res) == 1
 
 
 def studies_due_quiet(db: Database, quiet_seconds: float, now: datetime | None = None
@@ -224,14 +352,20 @@ def studies_due_quiet(db: Database, quiet_seconds: float, now: datetime | None =
             .order_by(Study.last_instance_at, Study.study_uid)).scalars())
 
 
-def study_instances(db: Database, study_uid: str) -> list[InstanceInfo]:
-    """A study's instances in arrival order, late ones included (flagged)."""
+def study_instances(db: Database, study_uid: str, include_not_applicable: bool = False
+                    ) -> list[InstanceInfo]:
+    """A study's instances in arrival order, late ones included (flagged); only whole-body
+    planar views unless `include_not_applicable` (what the worker and retraining read)."""
+    stmt = select(Instance).where(Instance.study_uid == study_uid)
+    if not include_not_applicable:
+        stmt = stmt.where(Instance.applicable.is_(True))
     with db.read_session() as s:
-        rows = s.execute(select(Instance).where(Instance.study_uid == study_uid)
-                         .order_by(Instance.received_at, Instance.sop_uid)).scalars().all()
+        rows = s.execute(stmt.order_by(Instance.received_at, Instance.sop_uid)).scalars().all()
         return [InstanceInfo(sop_uid=i.sop_uid, series_uid=i.series_uid,
                              sop_class_uid=i.sop_class_uid, path=i.path,
-                             views=split_views(i.views), n_frames=i.n_frames, late=i.late)
+                             views=split_views(i.views), n_frames=i.n_frames, late=i.late,
+                             applicable=i.applicable,
+                             applicability_reason=i.applicability_reason)
                 for i in rows]
 
 

@@ -1,9 +1,11 @@
-"""Classify jobs: claim, release, finish, and the result (with its pending SR export).
+"""Classify jobs: claim, retry later, release, finish, re-queue, and the result (with its
+pending SR export).
 
 Claims are single ``UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED) AND
 state = 'pending' RETURNING`` statements: on SQLite they run inside ``BEGIN IMMEDIATE``
 (``FOR UPDATE`` is not rendered there), on PostgreSQL the row lock plus ``SKIP LOCKED``
-keeps concurrent workers on different rows. Either way a job is claimed exactly once.
+keeps concurrent workers on different rows. Either way a job is claimed exactly once. A job
+put back for a retry carries ``not_before``: it is not claimed before then.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import UpdateBase
 
-from storage.common import CLASSIFY, NO_SYNC, owned_by, retry_on_conflict, utc_now
+from storage.common import CLASSIFY, NO_SYNC, owned_by, retry_on_conflict, rowcount, utc_now
 from storage.db import Database, Export, ExportState, Job, JobState, Result, Study, StudyState
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,16 @@ class NewResult:
     note: str | None = None
 
 
+@dataclass(frozen=True)
+class FailedStudy:
+    """A study whose classification failed for good, and why (redacted, no PHI)."""
+
+    study_uid: str
+    reason: str | None
+    attempts: int
+    failed_at: datetime | None
+
+
 def claim_job(db: Database, worker_id: str, kind: str = CLASSIFY,
               now: datetime | None = None) -> ClaimedJob | None:
     """Atomically take the oldest pending job; the study becomes ``classifying``."""
@@ -63,8 +75,10 @@ def claim_job(db: Database, worker_id: str, kind: str = CLASSIFY,
 
 
 def _job_claim_stmt(worker_id: str, kind: str, when: datetime) -> UpdateBase:
-    """One statement that picks and claims: re-checking ``state`` makes a lost race a no-op."""
-    pick = (select(Job.id).where(Job.state == JobState.PENDING.value, Job.kind == kind)
+    """One statement that picks and claims: re-checking ``state`` makes a lost race a no-op.
+    A job waiting for its retry time is skipped."""
+    due = or_(Job.not_before.is_(None), Job.not_before <= when)
+    pick = (select(Job.id).where(Job.state == JobState.PENDING.value, Job.kind == kind, due)
             .order_by(Job.id).limit(1).with_for_update(skip_locked=True).scalar_subquery())
     return (update(Job).where(Job.id == pick, Job.state == JobState.PENDING.value)
             .values(state=JobState.CLAIMED.value, claimed_by=worker_id, claimed_at=when,
@@ -103,17 +117,103 @@ def finish_job(db: Database, job_id: int, ok: bool, error: str | None = None,
                now: datetime | None = None) -> None:
     """Close a job and move its study to ``classified`` or ``failed``."""
     when = utc_now(now)
+    with db.session() as s, s.begin():
+        _close_job(s, job_id, ok, error, when)
+
+
+def _close_job(s: Session, job_id: int, ok: bool, error: str | None, when: datetime) -> None:
+    """The job done or failed, its study classified or failed, in the caller's transaction."""
     job_state, study_state = (JobState.DONE, StudyState.CLASSIFIED) if ok \
         else (JobState.FAILED, StudyState.FAILED)
+    values = dict(state=job_state.value, finished_at=when, error=error, not_before=None)
+    if not ok:
+        values["last_error"] = error
+    study_uid = s.execute(update(Job).where(Job.id == job_id).values(**values)
+                          .returning(Job.study_uid).execution_options(**NO_SYNC)
+                          ).scalar_one_or_none()
+    if study_uid is None:
+        raise LookupError(f"no job with id {job_id}")
+    s.execute(update(Study).where(Study.study_uid == study_uid)
+              .values(state=study_state.value).execution_options(**NO_SYNC))
+
+
+def retry_job(db: Database, job_id: int, error: str, not_before: datetime,
+              now: datetime | None = None) -> None:
+    """A claimed job back in the queue, not claimed before ``not_before``; its study is
+    ``complete`` again and ``last_error`` says why the attempt failed. Attempts are kept (the
+    next claim counts on)."""
+    utc_now(now)  # validated for a uniform signature
     with db.session() as s, s.begin():
-        study_uid = s.execute(update(Job).where(Job.id == job_id)
-                              .values(state=job_state.value, finished_at=when, error=error)
+        study_uid = s.execute(update(Job).where(Job.id == job_id,
+                                                Job.state == JobState.CLAIMED.value)
+                              .values(state=JobState.PENDING.value, claimed_by=None,
+                                      claimed_at=None, not_before=utc_now(not_before),
+                                      last_error=error)
                               .returning(Job.study_uid).execution_options(**NO_SYNC)
                               ).scalar_one_or_none()
         if study_uid is None:
-            raise LookupError(f"no job with id {job_id}")
-        s.execute(update(Study).where(Study.study_uid == study_uid)
-                  .values(state=study_state.value).execution_options(**NO_SYNC))
+            raise LookupError(f"no claimed job with id {job_id}")
+        s.execute(update(Study).where(Study.study_uid == study_uid,
+                                      Study.state == StudyState.CLASSIFYING.value)
+                  .values(state=StudyState.COMPLETE.value).execution_options(**NO_SYNC))
+
+
+def failed_studies(db: Database, limit: int | None = 10) -> list[FailedStudy]:
+    """Failed studies, most recently failed first, each with its last classify job's reason."""
+    latest = (select(Job.study_uid, func.max(Job.id).label("jid"))
+              .where(Job.kind == CLASSIFY).group_by(Job.study_uid).subquery())
+    stmt = (select(Study.study_uid, Job.error, Job.attempts, Job.finished_at)
+            .where(Study.state == StudyState.FAILED.value)
+            .outerjoin(latest, latest.c.study_uid == Study.study_uid)
+            .outerjoin(Job, Job.id == latest.c.jid)
+            .order_by(Job.finished_at.desc(), Study.study_uid).limit(limit))
+    with db.read_session() as s:
+        return [FailedStudy(study_uid=uid, reason=error, attempts=attempts or 0,
+                            failed_at=finished)
+                for uid, error, attempts, finished in s.execute(stmt)]
+
+
+def jobs_retrying(db: Database) -> int:
+    """Classify jobs waiting for another attempt after a failed one."""
+    with db.read_session() as s:
+        return int(s.execute(select(func.count()).select_from(Job)
+                             .where(Job.state == JobState.PENDING.value, Job.kind == CLASSIFY,
+                                    Job.attempts > 0)).scalar_one())
+
+
+def requeue_studies(db: Database, study_uid: str | None = None, now: datetime | None = None
+                    ) -> list[str]:
+    """Put failed studies back in the queue (all, or the one named): each gets a fresh classify
+    job with a new attempt budget (the failed job stays as the record) and is ``complete``
+    again. A named study whose job waits for a retry is made due now. Returns the UIDs."""
+    when = utc_now(now)
+    active = exists().where(Job.study_uid == Study.study_uid, Job.kind == CLASSIFY,
+                            Job.state.in_([JobState.PENDING.value, JobState.CLAIMED.value]))
+    conds = [Study.state == StudyState.FAILED.value, ~active]
+    if study_uid is not None:
+        conds.append(Study.study_uid == study_uid)
+    with db.session() as s, s.begin():
+        uids = list(s.execute(update(Study).where(*conds)
+                              .values(state=StudyState.COMPLETE.value)
+                              .returning(Study.study_uid).execution_options(**NO_SYNC)
+                              ).scalars())
+        for uid in sorted(uids):
+            s.add(Job(study_uid=uid, kind=CLASSIFY, state=JobState.PENDING.value, attempts=0,
+                      created_at=when))
+        if study_uid is not None and not uids:
+            uids = _make_due(s, study_uid, when)
+    if uids:
+        log.info("re-queued %d study(ies) for classification", len(uids))
+    return sorted(uids)
+
+
+def _make_due(s: Session, study_uid: str, when: datetime) -> list[str]:
+    """A study's pending job that waits for a retry, due now; [study_uid] if there was one."""
+    res = s.execute(update(Job).where(Job.study_uid == study_uid, Job.kind == CLASSIFY,
+                                      Job.state == JobState.PENDING.value,
+                                      Job.not_before > when)
+                    .values(not_before=when).execution_options(**NO_SYNC))
+    return [study_uid] if rowcount(res) else []
 
 
 def store_result(db: Database, r: NewResult, destination: str, now: datetime | None = None
@@ -121,14 +221,19 @@ def store_result(db: Database, r: NewResult, destination: str, now: datetime | N
     """Result and its pending export in one transaction: a stored result is never unsent.
 
     Idempotent per SR: a result with the same SR SOP UID is reused, and an export to the
-    same destination is never created twice. Returns (result id, export id).
+    same destination is never created twice. With a ``job_id`` the job is done and the study
+    classified in the same transaction: no failure after the result is stored can have the
+    study classified again (a second SR). Returns (result id, export id).
     """
     when = utc_now(now)
 
     def attempt() -> tuple[int, int]:
         with db.session() as s, s.begin():
             result_id = _ensure_result(s, r, when)
-            return result_id, _ensure_export(s, r, result_id, destination, when)
+            export_id = _ensure_export(s, r, result_id, destination, when)
+            if r.job_id is not None:
+                _close_job(s, r.job_id, True, None, when)
+            return result_id, export_id
 
     return retry_on_conflict(attempt, "store_result")
 

@@ -47,6 +47,8 @@ class StudySummary:
     acked_at: datetime | None
     first_seen_at: datetime
     completed_at: datetime | None
+    # not_applicable: why it is never classified; classified: what was left out (else None)
+    applicability_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class WorkBacklog:
     oldest_pending_job_at: datetime | None
     failed_studies: int
     last_export_error: str | None  # newest error of an export not yet delivered
+    # stored but no whole-body planar view: the node doing its job, not a problem
+    not_applicable_studies: int = 0
 
 
 def study_summaries(db: Database, limit: int | None = None) -> list[StudySummary]:
@@ -92,7 +96,7 @@ def _summary(st: Study, predicted: str | None, model: str | None, export_state: 
         export_state=None if export_state is None else ExportState(export_state),
         export_attempts=attempts, next_attempt_at=next_at, last_error=error,
         last_instance_at=st.last_instance_at, acked_at=acked, first_seen_at=st.first_seen_at,
-        completed_at=st.completed_at)
+        completed_at=st.completed_at, applicability_reason=st.applicability_reason)
 
 
 def queue_depth(db: Database) -> dict[str, int]:
@@ -115,7 +119,8 @@ def queue_depth(db: Database) -> dict[str, int]:
 
 
 def work_backlog(db: Database) -> WorkBacklog:
-    """Exports waiting for a retry, the oldest pending work, failed studies, last error."""
+    """Exports waiting for a retry, the oldest pending work, failed and not applicable
+    studies, last error."""
     pending = Export.state == ExportState.PENDING.value
     with db.read_session() as s:
         retrying = s.execute(select(func.count()).select_from(Export)
@@ -126,6 +131,8 @@ def work_backlog(db: Database) -> WorkBacklog:
                                .where(Job.state == JobState.PENDING.value)).scalar_one()
         failed = s.execute(select(func.count()).select_from(Study)
                            .where(Study.state == StudyState.FAILED.value)).scalar_one()
+        not_applicable = s.execute(select(func.count()).select_from(Study).where(
+            Study.state == StudyState.NOT_APPLICABLE.value)).scalar_one()
         last_error = s.execute(select(Export.last_error)
                                .where(Export.state.in_([ExportState.PENDING.value,
                                                         ExportState.DEAD.value]),
@@ -133,4 +140,4 @@ def work_backlog(db: Database) -> WorkBacklog:
                                .order_by(Export.id.desc()).limit(1)).scalar_one_or_none()
     return WorkBacklog(exports_retrying=retrying, oldest_pending_export_at=oldest_export,
                        oldest_pending_job_at=oldest_job, failed_studies=failed,
-                       last_export_error=last_error)
+                       last_export_error=last_error, not_applicable_studies=not_applicable)

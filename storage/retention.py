@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, exists, func, select
+from sqlalchemy import and_, delete, exists, func, or_, select
 
 from storage.common import NO_SYNC, utc_now
 from storage.db import Database, Export, ExportState, Instance, Purge, Result, Study, StudyState
@@ -29,21 +29,25 @@ class PurgeCandidates:
 
 
 def purgeable_studies(db: Database, cutoff: datetime, limit: int) -> list[str]:
-    """Delivered studies last touched before ``cutoff`` whose files are still there.
+    """Delivered or not-applicable studies last touched before ``cutoff`` whose files are
+    still there.
 
     Delivered: classified, at least one export and every export done; touched: the newest of
-    the last instance and the last acknowledgement. Oldest first, at most ``limit``.
+    the last instance and the last acknowledgement. A not-applicable study (never classified,
+    nothing to deliver) is purged like a delivered one. Oldest first, at most ``limit``.
     """
     cutoff = utc_now(cutoff)
     own = Export.study_uid == Study.study_uid
     last_ack = select(func.max(Export.acked_at)).where(own).scalar_subquery()
     purged_since = exists().where(Purge.study_uid == Study.study_uid,
                                   Purge.purged_at >= Study.last_instance_at)
+    delivered = and_(Study.state == StudyState.CLASSIFIED.value, exists().where(own),
+                     ~exists().where(own, Export.state != ExportState.DONE.value),
+                     last_ack < cutoff)
+    never_classified = Study.state == StudyState.NOT_APPLICABLE.value  # nothing to deliver
     stmt = (select(Study.study_uid)
-            .where(Study.state == StudyState.CLASSIFIED.value,
-                   exists().where(own),
-                   ~exists().where(own, Export.state != ExportState.DONE.value),
-                   Study.last_instance_at < cutoff, last_ack < cutoff, ~purged_since)
+            .where(or_(delivered, never_classified), Study.last_instance_at < cutoff,
+                   ~purged_since)
             .order_by(Study.last_instance_at, Study.study_uid).limit(limit))
     with db.read_session() as s:
         return list(s.execute(stmt).scalars())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from model.dscint import Dscint, DscintProbabilities
 from model.export import ModelMetadata, export_torchscript
 from node.demo.pacs_standin import PacsStandIn
+from tests.support.pki import Pki, make_pki
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata" / "wg04-nm1"
@@ -46,3 +48,11 @@ def pacs() -> Iterator[PacsStandIn]:
     p.start()
     yield p
     p.stop()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Test certificates (tests/support/pki.py); skipped without the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
+    return make_pki(tmp_path_factory.mktemp("pki"))

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,69 +28,10 @@ from node.service.node import Node
 from storage.reports import study_summaries
 from tests.support import hostile
 from tests.support.nodes import node_config, wait_study
+from tests.support.pki import Pki, client_ctx
 from tests.support.wait import wait_for
 
 CALLER = "TEST_CAMERA"
-
-
-# --- certificates -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pki:
-    """A test CA, a server and a client certificate it signed, and a rogue client."""
-
-    dir: Path
-
-    def crt(self, name: str) -> Path:
-        return self.dir / f"{name}.crt"
-
-    def key(self, name: str) -> Path:
-        return self.dir / f"{name}.key"
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _leaf(d: Path, name: str, ca: str, usage: str, san: str = "") -> None:
-    """An EC key and a certificate for it signed by `ca`."""
-    ext = d / f"{name}.ext"
-    ext.write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-                   f"extendedKeyUsage={usage}\n" + (f"subjectAltName={san}\n" if san else ""))
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", ext.name, cwd=d)
-
-
-def _ca(d: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2", "-subj",
-             f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    """CA, server (localhost, 127.0.0.1), client, and a client from a rogue CA."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make test certificates")
-    d = tmp_path_factory.mktemp("pki")
-    _ca(d, "ca")
-    _ca(d, "rogue-ca")
-    _leaf(d, "server", "ca", "serverAuth", "DNS:localhost,IP:127.0.0.1")
-    _leaf(d, "client", "ca", "clientAuth")
-    _leaf(d, "rogue", "rogue-ca", "clientAuth")
-    _leaf(d, "wrong-name", "ca", "serverAuth", "DNS:pacs.example.org")
-    return Pki(d)
-
-
-def _client_ctx(pki: Pki, cert: str | None = None, ca: str = "ca") -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.crt(ca)))
-    if cert is not None:
-        ctx.load_cert_chain(str(pki.crt(cert)), str(pki.key(cert)))
-    return ctx
 
 
 def _tls_echo(port: int, ctx: ssl.SSLContext, calling_ae: str = CALLER) -> int | None:
@@ -223,16 +161,16 @@ def test_tls_scp_serves_tls_clients_and_logs_plain_ones(
     cfg = _tls_cfg(tmp_path, untrained_model, pacs.port, pki)
     study = write_study(generate_study("normal", seed=21), tmp_path / "s", DicomLayout.MULTIFRAME)
     with Node(cfg) as n, caplog.at_level(logging.INFO, logger="node"):
-        assert _tls_echo(n.port, _client_ctx(pki)) == 0
+        assert _tls_echo(n.port, client_ctx(pki)) == 0
         ae = AE(ae_title=CALLER)
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.20", "1.2.840.10008.1.2.1")
         assoc = ae.associate("127.0.0.1", n.port, ae_title="DSCINT",
-                             tls_args=(_client_ctx(pki), "localhost"))
+                             tls_args=(client_ctx(pki), "localhost"))
         assert assoc.is_established
         assert assoc.send_c_store(study[0]).Status == 0
         assoc.release()
         assert echo(Destination("DSCINT", "127.0.0.1", n.port), CALLER) is None  # plain TCP
-        assert _tls_echo(n.port, _client_ctx(pki, ca="rogue-ca")) is None  # distrusts us
+        assert _tls_echo(n.port, client_ctx(pki, ca="rogue-ca")) is None  # distrusts us
         wait_for(lambda: _messages(caplog).count("refused TLS connection from 127.0.0.1") >= 2,
                  10, "both refused TLS connections to be logged")
     text = _messages(caplog)
@@ -246,9 +184,9 @@ def test_tls_client_certificates_required(tmp_path: Path, untrained_model: Path,
     cfg = _tls_cfg(tmp_path, untrained_model, pacs.port, pki, ca_file=str(pki.crt("ca")),
                    require_client_cert=True)
     with Node(cfg) as n, caplog.at_level(logging.INFO, logger="node"):
-        assert _tls_echo(n.port, _client_ctx(pki, cert="client")) == 0
-        assert _tls_echo(n.port, _client_ctx(pki)) is None
-        assert _tls_echo(n.port, _client_ctx(pki, cert="rogue")) is None
+        assert _tls_echo(n.port, client_ctx(pki, cert="client")) == 0
+        assert _tls_echo(n.port, client_ctx(pki)) is None
+        assert _tls_echo(n.port, client_ctx(pki, cert="rogue")) is None
         wait_for(lambda: _messages(caplog).count("refused TLS connection") >= 2, 10,
                  "both refused TLS connections to be logged")
     text = _messages(caplog)
@@ -267,7 +205,7 @@ def test_silent_tls_client_does_not_block_others(tmp_path: Path, untrained_model
         # connected, and never says a word; the listener's accept queue is first in, first
         # out, so the node accepts this one (and starts its handshake) before the echo's
         t0 = time.monotonic()
-        assert _tls_echo(n.port, _client_ctx(pki)) == 0
+        assert _tls_echo(n.port, client_ctx(pki)) == 0
         assert time.monotonic() - t0 < 1.5  # not behind the silent one's 2 s timeout
         wait_for(lambda: "handshake timed out" in _messages(caplog), 6,
                  "the silent client's handshake to time out", interval=0.1)
@@ -391,7 +329,7 @@ def test_no_patient_name_or_id_in_any_log_line(tmp_path: Path, untrained_model: 
 
         def all_finished() -> bool:  # the accepted odd inputs complete by silence too
             rows = study_summaries(n.db)
-            return bool(rows) and all(r.state in ("classified", "failed")
+            return bool(rows) and all(r.state in ("classified", "failed", "not_applicable")
                                       and r.export_state in (None, "done", "dead")
                                       for r in rows)
 

@@ -71,6 +71,14 @@ def test_kind_of_follows_the_table() -> None:
     assert kind_of(Status.NOT_AUTHORIZED) is Kind.PERMANENT
 
 
+@pytest.mark.parametrize("status", (0x0001, 0x0107, 0x0116, 0xB001, 0xBFFF))
+def test_unknown_warnings_mean_stored(status: int) -> None:
+    """A PACS that answers a warning the table does not list still holds the SR: resending
+    it until dead letter would be wrong."""
+    assert kind_of(status) is Kind.STORED
+    assert classify_status(status).acknowledged
+
+
 @pytest.mark.parametrize("status", TRANSIENT)
 def test_kind_of_transient(status: int) -> None:
     assert kind_of(status) is Kind.TRANSIENT

@@ -58,6 +58,7 @@ from tests.support.dicom import (
     pixel_counts,
     two_view_nm,
 )
+from tests.support.hostile import with_siz
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "wg04-nm1"
 REAL_FILES = ("NM1_UNC", "NM1_RLE", "NM1_JPLL", "NM1_JPLY", "NM1_JLSL", "NM1_JLSN", "NM1_J2KR",
@@ -548,15 +549,29 @@ def test_rescale_is_applied() -> None:
 
 
 def test_undecodable_compressed_data_answers_cannot_decode() -> None:
+    """A codestream header that agrees with the DICOM header, garbage after it: only decoding
+    finds out."""
     ds = nm_dataset(1)
     ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
-    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])
+    soc_siz = with_siz(b"\xff\x4f\xff\x51\x00\x02", 1024, 256)
+    ds.PixelData = encapsulate([soc_siz + b"\xff\x52" + b"\x00" * 64])
     ds["PixelData"].VR = "OB"
-    assert check_dataset(ds) is None  # the header alone looks fine
+    assert check_dataset(ds) is None  # both headers look fine
     rejection = decode_check(ds)
     assert rejection is not None and rejection.status == Status.CANNOT_DECODE
     with pytest.raises(DecodeError):
         extract_views(ds)
+
+
+def test_unreadable_codestream_header_is_refused_without_decoding() -> None:
+    ds = nm_dataset(1)
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])
+    ds["PixelData"].VR = "OB"
+    rejection = check_dataset(ds)
+    assert rejection is not None and rejection.status == Status.CANNOT_DECODE
+    assert rejection.reason.startswith("frame 1: SIZ length 0")
+    assert decode_check(ds) == rejection
 
 
 def test_decodable_transfer_syntaxes() -> None:

@@ -1,11 +1,15 @@
 """Hostile and broken input through real associations to a node in its own process: every input
 gets an answer (a specific failure status with its reason logged and a quarantined copy, or a
-sensible accept), the node keeps answering C-ECHO, its memory stays bounded and its log (at
-DEBUG) never quotes the patient. Inputs come from tests/support/hostile.py: the fixed catalogue plus
-hypothesis-driven truncations, garbling, header mutations, VR swaps and wrong geometries."""
+sensible accept; the exact status where the corpus names one), the node keeps answering C-ECHO,
+its memory stays bounded, its quarantine within its bounds (no copy over the header cap, the
+folder under its quota) and its log (at DEBUG) never quotes the patient. Inputs come from
+tests/support/hostile.py: the fixed catalogue (codestream and size bombs included) plus
+hypothesis-driven truncations, garbling, header mutations, VR swaps and wrong geometries. A
+second node takes the codestream bombs from 10 associations at once, for its peak memory."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +21,10 @@ from pydicom import Dataset
 
 from node.demo.pacs_standin import PacsStandIn
 from node.dicom.identity import is_valid_uid
+from node.dicom.status import Status
 from node.export.scu import Destination
 from storage.db import Database, Instance
+from storage.filestore import FileStore
 from tests.support import hostile
 from tests.support.net import echo_ok, free_port
 from tests.support.nodeproc import NodeProc, process_tree, tree_rss_mib, write_config
@@ -29,6 +35,10 @@ CALLER = "HOSTILE_CAM"
 EXAMPLES = settings(max_examples=20, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 RSS_GROWTH_LIMIT_MIB = 300.0  # peak over the idle node: 2 decoded copies of the largest input
+BOMB_RSS_GROWTH_LIMIT_MIB = 600.0  # 10 associations of codestream bombs at once
+BOMB_SENDERS, BOMB_ROUNDS = 10, 3
+# the quarantine's bounds in the served node: the default copy cap, a quota the catalogue passes
+COPY_CAP_KIB, QUOTA_MB = 64, 1
 
 
 @dataclass
@@ -66,7 +76,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, untrained_model: Path
     pacs.start()
     port = free_port()
     config = write_config(tmp / "config.toml", node_sections(
-        tmp / "node", untrained_model, port, pacs.port, logging={"level": "DEBUG"}))
+        tmp / "node", untrained_model, port, pacs.port, logging={"level": "DEBUG"},
+        storage={"quarantine_max_copy_kib": COPY_CAP_KIB, "quarantine_quota_mb": QUOTA_MB,
+                 "housekeeping_seconds": 1.0}))
     node = NodeProc(config, port, tmp / "node.log")
     node.start()
     # the baseline is read once start-up is over (C-ECHO is answered a little before)
@@ -106,6 +118,8 @@ def _check(s: Served, case: hostile.HostileInput) -> int | None:
         return status
     assert status is not None, f"{case.name}: no answer"
     assert expected_answer(case.expect, status), f"{case.name}: 0x{status:04X}"
+    if case.status is not None:
+        assert status == case.status, f"{case.name}: 0x{status:04X}, not 0x{case.status:04X}"
     if status == 0:
         assert _stored(s, case.sop_uid), case.name
         return status
@@ -113,16 +127,37 @@ def _check(s: Served, case: hostile.HostileInput) -> int | None:
     shown = case.sop_uid if valid else "(invalid UID"
     assert f"refused SOP {shown}" in text and f"0x{status:04X}" in text, case.name
     hint = case.sop_uid if valid else "invalid"
-    assert list((s.root / "quarantine").glob(f"*_{hint}_*.dcm")), f"{case.name}: no copy"
+    copies = list((s.root / "quarantine").glob(f"*_{hint}_*.dcm"))
+    assert copies, f"{case.name}: no copy"
+    assert all(c.stat().st_size <= COPY_CAP_KIB * 1024 for c in copies), case.name
     assert list((s.root / "quarantine").glob(f"*_{hint}_*.reason.txt")), case.name
     assert not _stored(s, case.sop_uid), f"{case.name}: refused yet stored"
     return status
 
 
+def _quarantine_within_bounds(root: Path) -> None:
+    """No copy over the header cap, the folder under its quota (housekeeping's pass applies the
+    configured one within a second or so)."""
+    folder = root / "quarantine"
+    assert max(p.stat().st_size for p in folder.iterdir()) <= COPY_CAP_KIB * 1024
+    files = FileStore(root)
+    wait_for(lambda: files.quarantine_usage().size_bytes <= QUOTA_MB * 2**20, 15,
+             "the quarantine to be trimmed under its quota")
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= QUOTA_MB * 2**20
+
+
 def test_catalogue(served: Served) -> None:
-    for case in hostile.corpus(served.base, seed=7):
+    cases = hostile.corpus(served.base, seed=7)
+    assert {c.status for c in cases} >= {Status.TOO_LARGE, Status.CANNOT_DECODE}
+    for case in cases:
         _check(served, case)
+        if case.name.startswith("size:"):  # the big ones keep their header, named so
+            [copy] = (served.root / "quarantine").glob(f"*_{case.sop_uid}_*.dcm")
+            assert copy.name.endswith("-truncated.dcm"), case.name
     assert echo_ok(served.node.port)
+    _quarantine_within_bounds(served.root)
+    wait_for(lambda: "quarantine over its quota" in served.node.log_path.read_text(
+        errors="replace"), 15, "the catalogue to pass the quarantine's quota and be trimmed")
 
 
 @EXAMPLES
@@ -183,6 +218,77 @@ def test_zz_still_serving_memory_bounded_no_phi(served: Served) -> None:
           f"MiB idle, peak {peak:.0f} MiB (+{growth:.0f})")
     assert growth < RSS_GROWTH_LIMIT_MIB
     assert len(served.tried) >= 150
+    _quarantine_within_bounds(served.root)
     for value in patient:
         assert value not in log_text, "patient data in the node's log"
     assert "Traceback" not in log_text and "failed unexpectedly" not in log_text
+
+
+# --- codestream bombs from 10 associations at once ------------------------------------------
+
+
+def test_codestream_bombs_from_10_associations_keep_memory_bounded(
+        tmp_path: Path, untrained_model: Path) -> None:
+    """A node of its own (a clean peak): 10 senders at once, each sending every codestream bomb
+    (J2K bare and in a JP2 box, 4096 tiles, JPEG baseline and lossless, JPEG-LS, RLE) a few
+    times on fresh associations. Every one gets its status; the peak RSS of both processes
+    stays within BOMB_RSS_GROWTH_LIMIT_MIB of the idle node (without the codestream check one
+    JPEG-LS bomb alone costs a decoder about 1.5 GiB)."""
+    pacs = PacsStandIn(ae_title="SOAK_PACS")
+    pacs.start()
+    port = free_port()
+    # every sender calls from 127.0.0.1: the listener's per-address limits would drop some
+    config = write_config(tmp_path / "config.toml", node_sections(
+        tmp_path / "node", untrained_model, port, pacs.port,
+        node={"max_connections_per_address": 32, "max_connection_rate_per_address": 0.0}))
+    node = NodeProc(config, port, tmp_path / "node.log")
+    try:
+        node.start()
+        wait_for(lambda: "listening on" in node.log_path.read_text(errors="replace"), 30,
+                 "the node to log that it is listening")
+        assert node.proc is not None and len(process_tree(node.proc.pid)) == 2
+        idle = sum(tree_rss_mib(node.proc.pid))
+        bombs = hostile.codestream_bombs(hostile.base_dataset(7), 7)
+        answers = _send_from_threads(bombs, node.port, tmp_path / "work")
+        peaks = tree_rss_mib(node.proc.pid, "VmHWM")
+        assert node.alive() and echo_ok(node.port)
+    finally:
+        node.stop()
+        pacs.stop()
+    growth = sum(peaks) - idle
+    print(f"\n{len(answers)} codestream bombs from {BOMB_SENDERS} associations at once: node "
+          f"RSS {idle:.0f} MiB idle, peak {sum(peaks):.0f} MiB (classifier {peaks[0]:.0f}, "
+          f"receiver {peaks[1]:.0f}): +{growth:.0f} MiB")
+    wrong = [(c.name, s) for c, s in answers if s != c.status]
+    assert not wrong, wrong
+    assert len(answers) == BOMB_SENDERS * BOMB_ROUNDS * len(bombs)
+    assert growth <= BOMB_RSS_GROWTH_LIMIT_MIB
+
+
+def _send_from_threads(cases: list[hostile.HostileInput], port: int, workdir: Path
+                       ) -> list[tuple[hostile.HostileInput, int | None]]:
+    """BOMB_SENDERS threads, each sending every case BOMB_ROUNDS times, one association per
+    C-STORE (so up to BOMB_SENDERS at once); (case, status) of every send."""
+    dest = Destination("DSCINT", "127.0.0.1", port)
+    answers: list[tuple[hostile.HostileInput, int | None]] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def sender(n: int) -> None:
+        try:
+            for _ in range(BOMB_ROUNDS):
+                for case in cases:
+                    status = hostile.send_input(case, dest, f"BOMBER{n}", workdir / str(n))
+                    with lock:
+                        answers.append((case, status))
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(BOMB_SENDERS)]
+    with hostile.raw_sending():
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    return answers

@@ -253,7 +253,8 @@ def test_worker_failure_marks_study_failed_and_keeps_going(tmp_path: Path,
                                                            untrained_model: Path,
                                                            pacs: PacsStandIn) -> None:
     cfg = node_config(tmp_path / "node", untrained_model, pacs.port,
-                      completion={"quiet_seconds": 600.0})
+                      completion={"quiet_seconds": 600.0},
+                      node={"classify_max_attempts": 2, "classify_backoff_seconds": 0.1})
     with Node(cfg) as n:
         ant, post = write_study(generate_study("normal", seed=12), tmp_path / "a",
                                 DicomLayout.PER_VIEW)
@@ -263,6 +264,9 @@ def test_worker_failure_marks_study_failed_and_keeps_going(tmp_path: Path,
         assert send_paths([post], dest(n), CALLER) == [0]
         uid = str(dcmread(ant, stop_before_pixels=True).StudyInstanceUID)
         wait_study(n.db, uid, "failed", state="failed")
+        with n.db.session() as s:
+            job = s.query(Job).filter(Job.study_uid == uid).one()
+        assert job.attempts == 2 and (job.error or "").startswith("FileNotFoundError")
         good = write_study(generate_study("normal", seed=13), tmp_path / "b",
                            DicomLayout.MULTIFRAME)
         assert send_paths(good, dest(n), CALLER) == [0]

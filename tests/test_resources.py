@@ -224,6 +224,7 @@ def test_housekeeping_spares_a_resent_file_and_purges_late_arrivals_later(store:
 
 
 def test_housekeeping_purges_old_quarantine_and_temp_files(store: Store) -> None:
+    """The quarantine's age limit is its own: it applies with retention off (0 = keep)."""
     old = store.files.quarantine(b"junk", "bad", "1.2.3")
     fresh = store.files.quarantine(b"junk", "bad", "1.2.4")
     temp = store.files.tmp / "leftover.partial"
@@ -231,7 +232,8 @@ def test_housekeeping_purges_old_quarantine_and_temp_files(store: Store) -> None
     long_ago = time.time() - 40 * 86400
     for p in [old, old.parent / f"{old.name[:-4]}.reason.txt", temp]:
         os.utime(p, (long_ago, long_ago))
-    report = housekeeping(store.db, store.files, StorageSection(retention_days=30.0))
+    report = housekeeping(store.db, store.files,
+                          StorageSection(retention_days=0.0, quarantine_days=30.0))
     assert report.quarantined == 2 and report.temp == 1
     assert not old.exists() and fresh.exists() and not temp.exists()
 

@@ -46,6 +46,7 @@ from storage.exports import (
 from storage.filestore import TEMP_SUFFIX, FileStore, validate_uid
 from storage.intake import (
     InstanceRecord,
+    Refusal,
     mark_complete,
     record_instance,
     studies_due_quiet,
@@ -334,14 +335,15 @@ def test_unknown_patient_key_is_adopted_later(db: Database) -> None:
         assert study is not None and study.patient_key == "pk-A"
 
 
-def test_sop_resent_under_another_study_moves(db: Database) -> None:
+def test_sop_resent_under_another_study_is_refused_not_moved(db: Database) -> None:
     record_instance(db, rec("1.1", ("anterior",)), now=T0)
     record_instance(db, rec("1.2", ("posterior",)), now=T0)
     out = record_instance(db, rec("1.2", ("posterior",), study="7.7"), now=T0)
-    assert out.duplicate and out.new_study and out.has_posterior
+    assert out.refusal is Refusal.SOP_IN_OTHER_STUDY and out.detail == f"stored under study {STUDY}"
     rows = {r.study_uid: r for r in study_summaries(db)}
-    assert rows[STUDY].instance_count == 1 and rows[STUDY].views == "anterior"
-    assert rows["7.7"].instance_count == 1 and rows["7.7"].views == "posterior"
+    assert set(rows) == {STUDY}  # the other study's row, inserted first, was rolled back
+    assert rows[STUDY].instance_count == 2 and rows[STUDY].views == "anterior,posterior"
+    assert [i.sop_uid for i in study_instances(db, STUDY)] == ["1.1", "1.2"]
 
 
 def test_record_instance_refuses_invalid_uids(db: Database) -> None:

@@ -1,5 +1,11 @@
 """Classification worker: claims complete studies, runs Dscint off the association threads,
 builds the SR and queues its export — result and export row in one transaction.
+
+A study is decoded and classified instance by instance (its pixels freed before the next), so
+the worker's memory is bounded by one instance, not by the study. A classification that fails
+for a reason that may pass (a file unreadable now, a locked database) is retried after a
+backoff up to a number of attempts; one that cannot improve (nothing decodable, not DICOM)
+fails at once. Either way the study ends ``failed`` with the reason, redacted.
 """
 
 from __future__ import annotations
@@ -9,11 +15,13 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 
-from model.classifier import Classifier, StudyPrediction
+from model.classifier import Classifier, StudyClassification, StudyPrediction
 from node.classify.sr import (
     PHANTOM_NOTE,
     Classification,
@@ -23,17 +31,24 @@ from node.classify.sr import (
     build_sr,
     encode_sr,
 )
+from node.dicom.pixels import DecodeError
 from node.dicom.views import extract_views
 from node.logs import redacted
 from node.runtime import trim_memory
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.intake import study_instances
-from storage.jobs import ClaimedJob, NewResult, claim_job, finish_job, store_result
+from storage.jobs import ClaimedJob, NewResult, claim_job, finish_job, retry_job, store_result
 
 log = logging.getLogger(__name__)
 
 WORKER_NICENESS = 5  # classification runs at nice +5: under CPU pressure the receiver goes first
+# the data itself is wrong: another attempt reads the same bytes and fails the same way
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (DecodeError, InvalidDicomError, ValueError)
+
+
+class NoDecodableViews(ValueError):
+    """A study with no view to classify: no on-time instance, or none with pixels."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,8 @@ class WorkerContext:
     device: DeviceInfo
     destination: str
     on_result: Callable[[], None]
+    max_attempts: int = 1  # attempts before a study whose classification keeps failing fails
+    retry_delay: Callable[[int], float] = lambda _attempts: 0.0  # seconds after attempt n
 
 
 def model_info(clf: Classifier) -> ModelInfo:
@@ -55,32 +72,37 @@ def model_info(clf: Classifier) -> ModelInfo:
                      training_data=m.training_data, trained_on_phantoms=m.trained_on_phantoms)
 
 
-def load_study(db: Database, study_uid: str
-               ) -> tuple[list[Dataset], list[SourceFrame], list[tuple[str, object]]]:
-    """Headers, frame references and (view, pixels) of a study's on-time instances."""
+def classify_instances(db: Database, study_uid: str, study: StudyClassification
+                       ) -> tuple[list[Dataset], list[SourceFrame]]:
+    """Feed a study's on-time instances to `study` one at a time: each is read, its views
+    decoded and predicted, and its pixels dropped before the next is read. Returns the
+    headers (without pixels) and frame references the SR needs."""
     headers: list[Dataset] = []
     frames: list[SourceFrame] = []
-    views: list[tuple[str, object]] = []
     for inst in study_instances(db, study_uid):
         if inst.late:
             continue
         ds = dcmread(Path(inst.path))
-        for v in extract_views(ds):
-            frames.append(SourceFrame(str(ds.SOPClassUID), str(ds.SOPInstanceUID),
-                                      v.frame_number, v.view.value))
-            views.append((v.view.value, v.pixels))
-        del ds.PixelData
+        views = extract_views(ds)
+        del ds.PixelData  # the encoded copy; the decoded views go after prediction
+        ds.buffer = None  # a deflated file's whole inflated copy (pydicom keeps it for reads
+        # of deferred elements, which the worker never makes): one per instance otherwise
+        frames += [SourceFrame(str(ds.SOPClassUID), str(ds.SOPInstanceUID), v.frame_number,
+                               v.view.value) for v in views]
+        study.add([(v.view.value, v.pixels) for v in views])
+        del views
         headers.append(ds)
-    return headers, frames, views
+    return headers, frames
 
 
 def classify(ctx: WorkerContext, job: ClaimedJob) -> None:
-    """One study: classify, build and store the SR, queue the export."""
+    """One study: classify, build and store the SR, queue the export, close the job."""
     clf = ctx.classifier()
-    headers, frames, views = load_study(ctx.db, job.study_uid)
-    if not views:
-        raise ValueError(f"study {job.study_uid} has no decodable views")
-    pred = clf.classify_study(views)  # type: ignore[arg-type]
+    study = StudyClassification(clf)
+    headers, frames = classify_instances(ctx.db, job.study_uid, study)
+    if not study.count:
+        raise NoDecodableViews(f"study {job.study_uid} has no decodable views")
+    pred = study.result()
     info = model_info(clf)
     sr = build_sr(headers, frames, _classification(pred), info, ctx.device)
     data = encode_sr(sr)
@@ -110,17 +132,38 @@ def run_once(ctx: WorkerContext, worker_id: str) -> bool:
     if job is None:
         return False
     try:
-        classify(ctx, job)
+        classify(ctx, job)  # stores the result and closes the job in one transaction
     except Exception as exc:  # a bad study must not stop the worker
-        log.exception("classification of study %s failed", job.study_uid)
-        # the message may quote element values (a name in a date field): stored redacted
-        finish_job(ctx.db, job.job_id, ok=False, error=redacted(exc))
+        after_failure(ctx, job, exc)
         return True
     finally:
         trim_memory(collect=False)  # a study's decoded images and SR: back to the OS
-    finish_job(ctx.db, job.job_id, ok=True)
     ctx.on_result()
     return True
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True when another attempt cannot do better: the data is wrong, not the moment. Reading
+    errors (OSError) and anything unforeseen (a database error, a model's RuntimeError) may
+    pass and are retried, a bounded number of times."""
+    return not isinstance(exc, OSError) and isinstance(exc, PERMANENT_ERRORS)
+
+
+def after_failure(ctx: WorkerContext, job: ClaimedJob, exc: Exception) -> None:
+    """After a failed attempt: the job back in the queue after a backoff, or, when the error
+    cannot improve or the attempts are spent, the study failed with the reason. The message
+    may quote element values (a name in a date field): logged and stored redacted."""
+    reason = redacted(exc)
+    if is_permanent(exc) or job.attempts >= ctx.max_attempts:
+        why = "cannot improve" if is_permanent(exc) else f"{job.attempts} attempt(s)"
+        log.error("classification of study %s failed (%s): %s", job.study_uid, why, reason,
+                  exc_info=exc)
+        finish_job(ctx.db, job.job_id, ok=False, error=reason)
+        return
+    delay = ctx.retry_delay(job.attempts)
+    retry_job(ctx.db, job.job_id, reason, datetime.now(UTC) + timedelta(seconds=delay))
+    log.warning("classification of study %s failed (attempt %d of %d): %s; retry in %.3g s",
+                job.study_uid, job.attempts, ctx.max_attempts, reason, delay)
 
 
 def lower_priority(increment: int = WORKER_NICENESS) -> int | None:

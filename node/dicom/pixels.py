@@ -2,7 +2,9 @@
 allocated (`pixel_geometry`), the transfer syntaxes the installed decoders read, and decoding to
 float32 counts (pydicom's plugins first, GDCM directly for what they refuse).
 
-Every size is checked before a decoder runs; no message carries patient data.
+Every size is checked before a decoder runs: the DICOM header's, and each encapsulated frame's
+own codestream header (node.dicom.codestream), since decoders allocate what the codestream
+declares. No message carries patient data (exception texts are redacted).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,9 +39,11 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from node.dicom.codestream import CodestreamError, Expected, check_frame
 from node.dicom.identity import is_valid_uid
 from node.dicom.status import Rejection, Status
 from node.dicom.values import as_float, as_int, text_of
+from node.logs import redacted
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,7 @@ class PixelGeometry:
     bits_stored: int
     pixel_representation: int
     transfer_syntax: str
+    samples_per_pixel: int = 1  # grey-scale only: _format_rejection refuses anything else
 
     @property
     def decoded_bytes(self) -> int:
@@ -162,7 +168,8 @@ def _pixel_geometry(ds: Dataset) -> PixelGeometry | Rejection:
     geometry = PixelGeometry(rows, cols, frames, int(fields["BitsAllocated"] or 0),
                              int(fields["BitsStored"] or 0),
                              int(fields["PixelRepresentation"] or 0), _transfer_syntax(ds) or "")
-    return _syntax_rejection(geometry) or _length_rejection(ds, geometry) or geometry
+    return (_syntax_rejection(geometry) or _length_rejection(ds, geometry)
+            or _codestream_rejection(ds, geometry) or geometry)
 
 
 def _format_rejection(ds: Dataset, fields: dict[str, int | None]) -> Rejection | None:
@@ -240,6 +247,58 @@ def _length_rejection(ds: Dataset, geometry: PixelGeometry) -> Rejection | None:
     return None
 
 
+def _codestream_rejection(ds: Dataset, geometry: PixelGeometry) -> Rejection | None:
+    """Each encapsulated frame's codestream header against the DICOM header, before any
+    decoder sizes a buffer from it: over the limits answers 0xC015 like an over-large DICOM
+    header (a bomb is a bomb wherever it is declared), anything else inconsistent 0xC210."""
+    if geometry.transfer_syntax in NATIVE_TRANSFER_SYNTAXES:
+        return None
+    try:
+        for _ in _checked_frames(ds, geometry):
+            pass
+    except _FrameRejected as exc:
+        return exc.rejection
+    return None
+
+
+class _FrameRejected(DecodeError):
+    """A frame's codestream header refused; carries the status for admission."""
+
+    def __init__(self, rejection: Rejection) -> None:
+        super().__init__(rejection.reason)
+        self.rejection = rejection
+
+
+def _expected(geometry: PixelGeometry) -> Expected:
+    return Expected(geometry.rows, geometry.columns, geometry.samples_per_pixel,
+                    geometry.bits_allocated, MAX_ROWS, MAX_COLUMNS)
+
+
+def _checked_frames(ds: Dataset, geometry: PixelGeometry) -> Iterator[bytes]:
+    """The encoded frames, each yielded only after its codestream header passed; raises
+    _FrameRejected (a DecodeError) for the first that does not, or when the frames cannot be
+    split."""
+    expected = _expected(geometry)
+    frames = _encapsulated_frames(ds, geometry)
+    for index in range(1, geometry.frames + 1):
+        try:
+            frame = next(frames)
+        except (DecodeError, StopIteration) as exc:  # _encapsulated_frames counts the frames
+            raise _FrameRejected(Rejection(Status.CANNOT_DECODE, str(exc))) from exc
+        try:
+            check_frame(geometry.transfer_syntax, frame, expected)
+        except CodestreamError as exc:
+            status = Status.TOO_LARGE if exc.too_large else Status.CANNOT_DECODE
+            raise _FrameRejected(Rejection(status, f"frame {index}: {exc}")) from exc
+        yield frame
+    try:
+        next(frames)  # ends the count: more frames than the header says raises here
+    except StopIteration:
+        return
+    except DecodeError as exc:
+        raise _FrameRejected(Rejection(Status.CANNOT_DECODE, str(exc))) from exc
+
+
 
 def decode_frames(ds: Dataset) -> np.ndarray:
     """All frames as (n_frames, rows, cols) float32 counts, Rescale Slope/Intercept applied.
@@ -256,7 +315,7 @@ def decode_frames(ds: Dataset) -> np.ndarray:
     except DecodeError:
         raise
     except Exception as exc:  # decoders raise assorted types (MemoryError included)
-        raise DecodeError(f"decoding failed: {type(exc).__name__}: {exc}") from exc
+        raise DecodeError(f"decoding failed: {redacted(exc)}") from exc
 
 
 def _decode_raw(ds: Dataset, geometry: PixelGeometry) -> np.ndarray:
@@ -266,9 +325,9 @@ def _decode_raw(ds: Dataset, geometry: PixelGeometry) -> np.ndarray:
     except Exception as exc:  # every installed plugin refused: try GDCM below
         if geometry.transfer_syntax not in GDCM_TRANSFER_SYNTAXES or not _gdcm_available():
             raise DecodeError(f"pydicom could not decode transfer syntax "
-                              f"{geometry.transfer_syntax}: {_first_line(exc)}") from exc
+                              f"{geometry.transfer_syntax}: {redacted(exc)}") from exc
         log.debug("pydicom refused %s (%s): trying GDCM directly", geometry.transfer_syntax,
-                  _first_line(exc))
+                  redacted(exc))
         return decode_with_gdcm(ds, geometry)
     return _shaped(np.asarray(arr), geometry)
 
@@ -286,12 +345,6 @@ def _preferred_plugin(geometry: PixelGeometry) -> str:
     return ""
 
 
-def _first_line(exc: BaseException) -> str:
-    """First line of an exception message (pydicom lists every plugin's error on later lines)."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
 def _shaped(arr: np.ndarray, geometry: PixelGeometry) -> np.ndarray:
     """(frames, rows, cols) or DecodeError when the decoder produced another shape."""
     want = (geometry.frames, geometry.rows, geometry.columns)
@@ -306,7 +359,8 @@ def decode_with_gdcm(ds: Dataset, geometry: PixelGeometry | None = None) -> np.n
     """Decode encapsulated frames with GDCM from memory, one gdcm.Image per frame.
 
     pydicom's own GDCM plugin refuses 12-bit JPEG Extended, but GDCM decodes it; building the
-    gdcm.Image from the fragment bytes avoids any temporary file. Raises only DecodeError.
+    gdcm.Image from the fragment bytes avoids any temporary file. Each frame's codestream header
+    is checked before GDCM sees it. Raises only DecodeError.
     """
     if geometry is None:
         checked = pixel_geometry(ds)
@@ -321,15 +375,13 @@ def decode_with_gdcm(ds: Dataset, geometry: PixelGeometry | None = None) -> np.n
     except ImportError as exc:
         raise DecodeError("python-gdcm is not installed") from exc
     frames = [_gdcm_frame(gdcm, src, geometry, i)
-              for i, src in enumerate(_encapsulated_frames(ds, geometry))]
-    if len(frames) != geometry.frames:
-        raise DecodeError(f"Pixel Data holds {len(frames)} frames, the header says "
-                          f"{geometry.frames}")
+              for i, src in enumerate(_checked_frames(ds, geometry))]
     return np.stack(frames)
 
 
 def _encapsulated_frames(ds: Dataset, geometry: PixelGeometry) -> Iterator[bytes]:
-    """The encoded bytes of each frame (Basic or Extended Offset Table when present)."""
+    """The encoded bytes of each frame (Basic or Extended Offset Table when present), exactly
+    as many as the header says: fewer or more is a DecodeError (never decoded one by one)."""
     data = ds.get("PixelData")
     if not isinstance(data, bytes | bytearray):
         raise DecodeError("Pixel Data is not a byte string")
@@ -337,12 +389,21 @@ def _encapsulated_frames(ds: Dataset, geometry: PixelGeometry) -> Iterator[bytes
     lengths = ds.get("ExtendedOffsetTableLengths")
     extended = (offsets, lengths) if isinstance(offsets, bytes) and isinstance(
         lengths, bytes) else None
+    count = 0
     try:
-        yield from generate_frames(bytes(data), number_of_frames=geometry.frames,
-                                   extended_offsets=extended)
-    except (ValueError, KeyError, TypeError, EOFError) as exc:
+        for frame in generate_frames(bytes(data), number_of_frames=geometry.frames,
+                                     extended_offsets=extended):
+            count += 1
+            if count > geometry.frames:
+                raise DecodeError(f"Pixel Data holds more than the {geometry.frames} frame(s) "
+                                  "the header says")
+            yield frame
+    except (ValueError, KeyError, TypeError, EOFError, struct.error) as exc:
         raise DecodeError(f"encapsulated Pixel Data cannot be split into frames: "
-                          f"{type(exc).__name__}: {exc}") from exc
+                          f"{redacted(exc)}") from exc
+    if count < geometry.frames:
+        raise DecodeError(f"Pixel Data holds {count} frame(s), the header says "
+                          f"{geometry.frames}")
 
 
 def _gdcm_frame(gdcm: Any, src: bytes, geometry: PixelGeometry, index: int) -> np.ndarray:

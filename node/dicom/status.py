@@ -98,6 +98,8 @@ TABLE: dict[Status, StatusInfo] = {
                                      Kind.PERMANENT),
 }
 
+# PS3.7 Annex C warnings a peer may answer to any DIMSE request: the operation was performed
+GENERAL_WARNINGS = frozenset({0x0001, 0x0107, 0x0116})
 # A-ASSOCIATE-RJ (result, source, diagnostic) in words (PS3.8 Table 9-21)
 ASSOCIATION_REJECT_REASONS: dict[tuple[object, object, object], str] = {
     (0x02, 0x03, 0x02): "too many simultaneous associations ([node].max_associations)",
@@ -127,11 +129,14 @@ def _known(status: int) -> StatusInfo | None:
 
 
 def kind_of(status: int) -> Kind:
-    """How to treat a peer's answer, by the table, else by the PS3.4 ranges: 0xA9xx and 0xCxxx
-    will not improve; anything else unknown (0xA7xx, 0x01xx processing failures) may."""
+    """How to treat a peer's answer, by the table, else by the PS3.4/PS3.7 ranges: a warning
+    (0xBxxx, or PS3.7's 0x0001, 0x0107, 0x0116) means the peer holds the object; 0xA9xx and
+    0xCxxx will not improve; anything else unknown (0xA7xx, 0x01xx processing failures) may."""
     known = _known(status)
     if known is not None:
         return known.kind
+    if (status >> 12) == 0xB or status in GENERAL_WARNINGS:
+        return Kind.STORED
     if _names_the_problem(status):
         return Kind.PERMANENT
     return Kind.TRANSIENT

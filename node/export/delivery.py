@@ -1,6 +1,11 @@
 """SR export loop: C-STORE to PACS until acknowledged, with capped exponential backoff and a
 dead-letter state after the configured number of attempts (or at once for permanent refusals);
 the schedule is decided in `node.export.policy`.
+
+A claimed export always ends done, pending with a retry time, or dead: an SR file that is
+missing or unreadable is dead-lettered at once with that reason (`scu.send_file` answers every
+failure with an outcome). Only when the database itself cannot record the outcome does the row
+stay ``sending``, until the stale-claim sweep gives it back to the queue.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ def deliver(ctx: ExportContext, job: ClaimedExport) -> SendOutcome:
         _bookkeep(ctx, job, outcome)
 
     outcome = send_file(Path(job.sr_path), ctx.destination, ctx.calling_ae,
-                        ctx.policy.timeout_seconds, on_answer=record)
+                        ctx.policy.timeout_seconds, on_answer=record)  # never raises
     if not recorded:  # no association, so no answer: record the failure now
         record(outcome)
     return outcome

@@ -4,7 +4,8 @@ Status classes (PS3.4 Annex B / PS3.7 C): Success 0x0000 and Warnings 0xB000/0xB
 PACS holds the object. 0xA7xx (out of resources) and network trouble are transient: retry with
 backoff. 0xA9xx (does not match SOP class), 0xCxxx (cannot understand), 0x0122 (SOP class not
 supported), 0x0124 (not authorised) and a permanent association rejection will not improve by
-retrying: dead-letter at once so an admin sees them.
+retrying: dead-letter at once so an admin sees them. So will a stored SR that is missing or
+unreadable. Every failure of `send_file` is an outcome the retry policy can judge.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pynetdicom import AE
+from pynetdicom.association import Association
 
 from node.dicom.status import Kind, kind_of
+from node.logs import redacted
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -67,14 +69,14 @@ def send_file(path: Path, dest: Destination, calling_ae: str, timeout: float = 3
 
     `on_answer` runs as soon as the C-STORE is answered (or not), before the association is
     released: bookkeeping done there cannot be lost to a crash during the release, so an
-    acknowledged SR is not sent again after a restart.
+    acknowledged SR is not sent again after a restart. A stored SR that is missing or not
+    readable DICOM is a permanent failure, found before any association is opened.
     """
     try:
-        meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-        sop_class = str(meta.SOPClassUID)
-        ts = str(meta.file_meta.TransferSyntaxUID)
-    except (OSError, ValueError, AttributeError) as exc:
-        return SendOutcome(False, None, f"cannot read stored SR {path.name}: {exc}", True)
+        sop_class, ts = _stored_sr(path)
+    except Exception as exc:  # missing, a directory, garbage, truncated: will not improve
+        return SendOutcome(False, None, f"cannot read stored SR {path.name}: {redacted(exc)}",
+                           True)
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(sop_class, ts)
@@ -86,14 +88,31 @@ def send_file(path: Path, dest: Destination, calling_ae: str, timeout: float = 3
         return SendOutcome(False, None, f"cannot associate with {dest.ae_title}@{dest.host}:"
                            f"{dest.port} (connection refused, aborted or timed out{tls})", False)
     try:
-        status = getattr(assoc.send_c_store(path), "Status", None)
-        outcome = classify_status(int(status)) if status is not None else SendOutcome(
-            False, None, "no C-STORE response (timeout or abort)", False)
+        outcome = _store(assoc, path)
         if on_answer is not None:
             on_answer(outcome)
     finally:
         assoc.release()
     return outcome
+
+
+def _stored_sr(path: Path) -> tuple[str, str]:
+    """SOP Class and Transfer Syntax UIDs of the stored SR, read in full (an SR is small), so
+    a file that is missing, not DICOM or cut short fails here rather than mid-association."""
+    ds = dcmread(path)
+    return str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)
+
+
+def _store(assoc: Association, path: Path) -> SendOutcome:
+    """The C-STORE on an established association; the SR's presentation context refused by
+    PACS (ValueError) or the file gone meanwhile (OSError) will not improve: permanent."""
+    try:
+        status = getattr(assoc.send_c_store(path), "Status", None)
+    except (OSError, ValueError, AttributeError) as exc:
+        return SendOutcome(False, None, f"C-STORE not sent: {redacted(exc)}", True)
+    if status is None:
+        return SendOutcome(False, None, "no C-STORE response (timeout or abort)", False)
+    return classify_status(int(status))
 
 
 def _rejected(primitive: object) -> SendOutcome:

@@ -1,4 +1,5 @@
-"""`python -m node status`: what an admin checks first — studies, their states, exports."""
+"""`python -m node status`: what an admin checks first — studies, their states, exports, and
+why a study is not classified (not_applicable: no whole-body planar view) or what was left out."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from node.config import Config
 from node.service.health import health_report, summary_line
 from storage.db import Database
 from storage.reports import queue_depth, study_summaries
+
+APPLICABILITY_SHOWN = 200  # characters of a study's applicability reason in the table
 
 
 def _short(uid: str, keep: int = 18) -> str:
@@ -27,7 +30,7 @@ def status_table(cfg: Config, limit: int = 200) -> Table:
     table = Table(title="dscint-node studies", caption=" · ".join(
         f"{k.replace('_', ' ')}: {v}" for k, v in depth.items()))
     for col in ("study", "state", "inst", "late", "views", "complete by", "result", "model",
-                "export", "tries", "next try", "last error"):
+                "export", "tries", "next try", "last error", "applicability"):
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(
@@ -35,7 +38,7 @@ def status_table(cfg: Config, limit: int = 200) -> Table:
             r.views or "-", r.completion_reason or "-", r.predicted_class or "-",
             r.model_version or "-", r.export_state or "-", str(r.export_attempts or 0),
             r.next_attempt_at.isoformat(timespec="seconds") if r.next_attempt_at else "-",
-            (r.last_error or "")[:80],
+            (r.last_error or "")[:80], (r.applicability_reason or "")[:APPLICABILITY_SHOWN],
         )
     return table
 

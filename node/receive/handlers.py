@@ -1,32 +1,60 @@
 """C-ECHO and C-STORE handlers: admission checks, durable write, queue row, then the status.
 
-Order matters for "nothing lost": the bytes are written as received (temp file, fsync, rename),
-the instance row is committed, and only then is Success returned. Every refusal gets a specific
-status, a log line with the reason (UIDs and AE titles only, never patient data) and a
-quarantined copy. Handlers never raise.
+pynetdicom writes each received dataset to a temp file (node.receive.server turns that on), so
+a C-STORE costs memory for its parsed dataset only, and the encoded size is checked before
+anything is parsed. A deflated body is inflated here with a bound, never by pydicom.
+
+Order matters for "nothing lost, nothing left behind": the bytes as received are staged
+durably (temp file, fsync), the instance row is committed, then the staged file is renamed
+into place, and only then is Success returned. A refused row or a database locked for longer
+than the C-STORE may wait leaves no file (a re-sent SOP's previous file is untouched). Every
+refusal gets a specific status, a log line with the reason (UIDs and AE titles only, never
+patient data) and a quarantined copy (of which only the prefix the quarantine keeps is read).
+Handlers never raise.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
+from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.tag import BaseTag
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom.events import Event
 
 from node.dicom.admission import admission_rejection, patient_conflict
+from node.dicom.applicability import Applicability, whole_body_planar
 from node.dicom.identity import is_valid_uid, patient_key, shown_uid
+from node.dicom.pixels import pixel_geometry
 from node.dicom.status import Rejection, Status
 from node.dicom.views import frame_views
 from node.logs import redacted, redacted_traceback
-from storage.db import CompletionReason, Database, StudyState
+from storage.db import CompletionReason, Database, DatabaseBusy, StudyState, lock_wait_as_busy
 from storage.filestore import FileStore
-from storage.intake import InstanceRecord, mark_complete, record_instance
-from storage.intake import patient_conflict as stored_patient_conflict
+from storage.intake import (
+    InstanceRecord,
+    RecordOutcome,
+    Refusal,
+    StudyLimits,
+    mark_complete,
+    record_instance,
+)
 
 log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+DEFAULT_MAX_INSTANCE_BYTES = 64 * MIB  # [admission].max_instance_mb's default
+INFLATE_CHUNK = MIB  # a deflated body is inflated (and counted) in pieces this size
+
+NOT_JUDGED = Applicability(True, "not judged (admission skipped)")  # _accept called directly
 
 
 @dataclass(frozen=True)
@@ -39,6 +67,9 @@ class StoreContext:
     on_complete: Callable[[str], None]
     decode_on_admission: bool = True
     min_free_bytes: int = 0
+    refuse_not_applicable: bool = False  # [admission].not_applicable = "refuse"
+    max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES  # encoded (deflated: inflated)
+    study_limits: StudyLimits = field(default_factory=StudyLimits)
 
 
 def handle_echo(event: Event) -> int:
@@ -59,6 +90,33 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
         return Status.OUT_OF_RESOURCES
 
 
+def handle_conn_close(event: Event) -> None:
+    """A C-STORE cut off mid-transfer (the peer went away, or aborted): remove the file
+    pynetdicom was writing its dataset to (it removes only those it hands to a handler, and
+    would leave one per interrupted transfer). Never raises."""
+    try:
+        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        partial = getattr(message, "_data_set_file", None)  # pynetdicom 3's message in progress
+        if partial is None:
+            return
+        partial.close()
+        path = Path(partial.name)
+        size = path.stat().st_size if path.exists() else 0
+        path.unlink(missing_ok=True)
+        log.warning("association with AE %s closed during a C-STORE; its partial dataset "
+                    "(%d bytes) removed", _caller(event), size)
+    except Exception:  # cleaning up must not disturb the association's end
+        log.exception("could not remove an interrupted C-STORE's partial dataset")
+
+
+def received(event: Event) -> Path | bytes:
+    """The received dataset, file meta included: the file pynetdicom wrote it to (deleted once
+    the handler returns) where the receiver process turned that on
+    (node.receive.server.receive_to_files), else its bytes."""
+    path = event.dataset_path  # None when received in memory
+    return Path(path) if path else bytes(event.encoded_dataset(include_meta=True))
+
+
 def _caller(event: Event) -> str:
     try:
         return str(event.assoc.requestor.ae_title).strip()
@@ -76,66 +134,191 @@ def _store(event: Event, ctx: StoreContext) -> int:
                   "watermark ([storage].min_free_mb); nothing written", shown_uid(sop_uid),
                   caller, Status.OUT_OF_RESOURCES)
         return Status.OUT_OF_RESOURCES
-    raw = bytes(event.encoded_dataset(include_meta=True))
-    ds, parse_error = _parse(raw)
-    if ds is None:
-        return _refuse(ctx, raw, Rejection(Status.CANNOT_UNDERSTAND, parse_error), sop_uid,
-                       caller)
+    raw = received(event)
+    size = _size(raw)
+    if size > ctx.max_instance_bytes:
+        return _refuse(ctx, raw, Rejection(
+            Status.TOO_LARGE, f"encoded size {size} bytes is over [admission].max_instance_mb "
+                              f"({ctx.max_instance_bytes // MIB} MiB); not parsed"),
+            sop_uid, caller)
+    ds = _parse(raw, ctx.max_instance_bytes)
+    if isinstance(ds, Rejection):
+        return _refuse(ctx, raw, ds, sop_uid, caller)
     rejection = admission_rejection(ds, sop_class, sop_uid, ctx.decode_on_admission)
     if rejection is not None:
         return _refuse(ctx, raw, rejection, sop_uid, caller)
-    return _accept(ctx, ds, raw, caller)
+    verdict = whole_body_planar(ds)
+    if not verdict.applicable and ctx.refuse_not_applicable:
+        return _refuse(ctx, raw, Rejection(Status.NOT_APPLICABLE, verdict.reason), sop_uid,
+                       caller)
+    return _accept(ctx, ds, raw, caller, verdict)
 
 
-def _parse(raw: bytes) -> tuple[Dataset | None, str]:
-    """Parse the received bytes fully (pixel data stays encoded)."""
+def _parse(raw: Path | bytes, inflate_limit: int) -> Dataset | Rejection:
+    """Parse the received dataset fully (pixel data stays encoded); a deflated body is
+    inflated here with a bound (pydicom would inflate all of it at once, whatever its size)."""
     try:
-        ds = dcmread(BytesIO(raw), force=False)
+        with raw.open("rb") if isinstance(raw, Path) else BytesIO(raw) as fp:
+            read_preamble(fp, False)
+            meta = FileMetaDataset(read_dataset(fp, is_implicit_VR=False,
+                                                is_little_endian=True, stop_when=_past_meta))
+            if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+                return _parse_deflated(fp, meta, inflate_limit)
+            fp.seek(0)
+            ds = dcmread(fp, force=False)
         ds.ensure_file_meta()
-        return ds, ""
+        return ds
     except Exception as exc:  # readers raise anything (zlib.error, struct.error, ...): refuse
-        return None, f"dataset cannot be parsed: {redacted(exc)}"
+        return Rejection(Status.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {redacted(exc)}")
 
 
-def _accept(ctx: StoreContext, ds: Dataset, raw: bytes, caller: str) -> int:
-    """Durable write, then the queue row, then (maybe) completion; Success only after both."""
+def _past_meta(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    """Stops reading at the first element after the file meta group (0002)."""
+    return tag >> 16 != 2
+
+
+def _parse_deflated(fp: BinaryIO, meta: FileMetaDataset, limit: int) -> Dataset | Rejection:
+    """`fp` at the deflated body: its inflated size is counted in pieces first, and only a
+    body within `limit` is inflated (into one buffer of exactly that size) and parsed as
+    Explicit VR Little Endian."""
+    body_at = fp.tell()
+    size = inflated_size(fp, limit)
+    if size is None:
+        return Rejection(Status.TOO_LARGE, f"deflated body inflates to more than {limit} "
+                                           "bytes ([admission].max_instance_mb); not parsed")
+    fp.seek(body_at)
+    body = zlib.decompress(fp.read(), -zlib.MAX_WBITS, max(size, 1))
+    ds = read_dataset(BytesIO(body), is_implicit_VR=False, is_little_endian=True)
+    ds.file_meta = meta
+    return ds
+
+
+def inflated_size(fp: BinaryIO, limit: int) -> int | None:
+    """Size of the raw deflate stream read from `fp`, inflated piece by piece and thrown away
+    (memory stays at a piece whatever the ratio); None once it passes `limit`. zlib.error
+    for a corrupt or truncated stream."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    while not inflater.eof:
+        data = inflater.unconsumed_tail or fp.read(INFLATE_CHUNK)
+        out = inflater.decompress(data, INFLATE_CHUNK)
+        if not data and not out:
+            raise zlib.error("deflated body is truncated")
+        total += len(out)
+        if total > limit:
+            return None
+    return total
+
+
+def _accept(ctx: StoreContext, ds: Dataset, raw: Path | bytes, caller: str,
+            verdict: Applicability = NOT_JUDGED) -> int:
+    """Staged durable copy, the queue row, the rename into place, then (maybe) completion:
+    Success only after bytes and row are durable; a refused or unwritten row leaves no file.
+
+    `raw` is the received file (or its bytes). `verdict` is the applicability gate's, judged
+    in _store with admission; a caller that skips admission (tests of the completion rule)
+    skips the gate too."""
     study, series, sop = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), \
         str(ds.SOPInstanceUID)
     views = tuple(v.value for v in frame_views(ds))
     key = patient_key(ds, ctx.patient_secret)
-    existed = ctx.files.instance_path(study, series, sop).exists()
-    # checked before a re-sent SOP's file would be replaced (a new SOP costs no extra read:
-    # record_instance refuses it under lock)
-    if existed and stored_patient_conflict(ctx.db, study, key):
-        return _refuse(ctx, raw, patient_conflict(study), sop, caller)
-    path = ctx.files.write_instance(study, series, sop, raw)
-    outcome = record_instance(ctx.db, InstanceRecord(
-        sop_uid=sop, study_uid=study, series_uid=series, sop_class_uid=str(ds.SOPClassUID),
-        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=str(path), views=views,
-        n_frames=len(views), size_bytes=len(raw), calling_ae=caller, patient_key=key,
-    ))
-    if outcome.patient_mismatch:  # lost a race with another association: same rule applies
-        if not existed:
-            path.unlink(missing_ok=True)
-        return _refuse(ctx, raw, patient_conflict(study), sop, caller)
-    log.info("stored SOP %s study %s views %s from AE %s%s", sop, study, ",".join(views),
-             caller, " (late: study already classified)" if outcome.late else "")
-    if outcome.has_anterior and outcome.has_posterior \
-            and outcome.study_state is StudyState.RECEIVING \
-            and mark_complete(ctx.db, study, CompletionReason.BOTH_VIEWS):
-        log.info("study %s complete: anterior and posterior present", study)
-        ctx.on_complete(study)
+    path = ctx.files.instance_path(study, series, sop)
+    staged = ctx.files.stage(raw)
+    try:
+        outcome = record_instance(ctx.db, InstanceRecord(
+            sop_uid=sop, study_uid=study, series_uid=series, sop_class_uid=str(ds.SOPClassUID),
+            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=str(path),
+            views=views, n_frames=len(views), size_bytes=_size(raw), calling_ae=caller,
+            patient_key=key, applicable=verdict.applicable,
+            applicability_reason=verdict.reason, decoded_bytes=_decoded_bytes(ds),
+        ), limits=ctx.study_limits)
+        if outcome.refusal is None:
+            ctx.files.publish(staged, study, series, sop)
+    except DatabaseBusy:
+        log.warning("refused SOP %s from AE %s with status 0x%04X: the queue database stayed "
+                    "locked for [node].store_db_wait_seconds; nothing kept (the camera may "
+                    "retry)", sop, caller, Status.OUT_OF_RESOURCES)
+        return Status.OUT_OF_RESOURCES
+    finally:
+        ctx.files.discard(staged)  # nothing left once published
+    if outcome.refusal is not None:
+        return _refuse(ctx, raw, _intake_rejection(ctx, outcome, study), sop, caller)
+    log.info("stored SOP %s study %s views %s from AE %s%s%s", sop, study, ",".join(views),
+             caller, " (late: study already classified)" if outcome.late else "",
+             "" if verdict.applicable else f" (not classified: {verdict.reason})")
+    complete_if_both_views(ctx, study, outcome)
     return Status.SUCCESS
 
 
-def _refuse(ctx: StoreContext, raw: bytes, rejection: Rejection, sop_uid: str,
+def complete_if_both_views(ctx: StoreContext, study: str, outcome: RecordOutcome) -> None:
+    """Both views in a receiving study: complete it now. The instance is already stored, so a
+    database locked past the C-STORE's wait leaves completion to the quiet sweep."""
+    if not (outcome.has_anterior and outcome.has_posterior
+            and outcome.study_state is StudyState.RECEIVING):
+        return
+    try:
+        with lock_wait_as_busy("mark_complete"):
+            queued = mark_complete(ctx.db, study, CompletionReason.BOTH_VIEWS)
+    except DatabaseBusy:
+        log.warning("study %s has both views but the queue database stayed locked; the quiet "
+                    "sweep completes it", study)
+        return
+    if queued:
+        log.info("study %s complete: anterior and posterior present", study)
+        ctx.on_complete(study)
+
+
+def _intake_rejection(ctx: StoreContext, outcome: RecordOutcome, study: str) -> Rejection:
+    """The status and reason of a row record_instance refused (nothing was kept)."""
+    limits, detail = ctx.study_limits, outcome.detail
+    if outcome.refusal is Refusal.NO_PATIENT_IDENTITY:
+        return Rejection(Status.NO_PATIENT_IDENTITY,
+                         f"no patient attributes (Patient ID, Name and Birth Date empty) but "
+                         f"{detail}: an instance that cannot be matched to it is not added")
+    if outcome.refusal is Refusal.SOP_IN_OTHER_STUDY:
+        return Rejection(Status.SOP_IN_OTHER_STUDY,
+                         f"SOP Instance UID already {detail}; not moved to study {study}")
+    if outcome.refusal is Refusal.STUDY_INSTANCES:
+        return Rejection(Status.STUDY_LIMIT, f"{detail}: [admission].max_study_instances is "
+                                             f"{limits.max_instances}")
+    if outcome.refusal is Refusal.STUDY_DECODED_BYTES:
+        return Rejection(Status.STUDY_LIMIT,
+                         f"{detail}: over [admission].max_study_decoded_mb "
+                         f"({limits.max_decoded_bytes // MIB} MiB)")
+    return patient_conflict(study)  # lost a race with another association: same rule applies
+
+
+def _decoded_bytes(ds: Dataset) -> int:
+    """rows x columns x frames x 4, what the per-study cap sums (0 when admission was
+    skipped and the pixel module is unusable)."""
+    geometry = pixel_geometry(ds)
+    return 0 if isinstance(geometry, Rejection) else geometry.decoded_bytes
+
+
+def _size(raw: Path | bytes) -> int:
+    return len(raw) if isinstance(raw, bytes) else raw.stat().st_size
+
+
+def _quarantine(files: FileStore, raw: Path | bytes, reason: str, hint: str) -> None:
+    """Only the prefix the quarantine keeps is read: an oversize instance never whole."""
+    limit = files.quarantine_limits.max_copy_bytes
+    if isinstance(raw, bytes):
+        prefix = raw[:limit]
+    else:
+        with raw.open("rb") as fh:
+            prefix = fh.read(limit)
+    files.quarantine(prefix, reason, hint, received_bytes=_size(raw))
+
+
+def _refuse(ctx: StoreContext, raw: Path | bytes, rejection: Rejection, sop_uid: str,
             caller: str) -> int:
     """Log why, keep a quarantined copy, answer the failure status."""
     log.warning("refused SOP %s from AE %s with status 0x%04X: %s", shown_uid(sop_uid), caller,
                 rejection.status, rejection.reason)
     try:
         # the file name (logged) carries the UID only when it is one: never a name sent in its place
-        ctx.files.quarantine(raw, rejection.reason, sop_uid if is_valid_uid(sop_uid) else "invalid")
+        _quarantine(ctx.files, raw, rejection.reason,
+                    sop_uid if is_valid_uid(sop_uid) else "invalid")
     except (OSError, ValueError):
         log.exception("could not quarantine SOP %s", shown_uid(sop_uid))
     return rejection.status
@@ -143,7 +326,6 @@ def _refuse(ctx: StoreContext, raw: bytes, rejection: Rejection, sop_uid: str,
 
 def _try_quarantine(event: Event, ctx: StoreContext, reason: str, sop_uid: str) -> None:
     try:
-        raw = bytes(event.encoded_dataset(include_meta=True))
-        ctx.files.quarantine(raw, reason, sop_uid)
+        _quarantine(ctx.files, received(event), reason, sop_uid)
     except Exception:  # quarantine is best effort once something already failed
         log.exception("could not quarantine SOP %s", sop_uid)

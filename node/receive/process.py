@@ -35,7 +35,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import Config, config_from_dict, config_to_dict, with_overrides
 from node.logs import setup_logging
-from node.receive.server import start_scp
+from node.receive.server import open_file_store, receive_to_files, start_scp
 from node.runtime import libc_function, release_library_pages, tune_malloc
 from storage.db import Database
 from storage.filestore import FileStore
@@ -210,7 +210,9 @@ def serve_child(inp: IO[str], out: IO[str]) -> int:
     tune_malloc()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent decides: it closes stdin
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent too
-    files = FileStore(cfg.storage_root)
+    files = open_file_store(cfg)
+    files.clear_receiving()  # a receiver killed mid-transfer left its datasets there
+    receive_to_files(files.receiving)
     db = Database(cfg.database_url)
     try:
         server = _bind(cfg, files, db, out)

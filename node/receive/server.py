@@ -6,30 +6,40 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node import tls
 from node.config import Config
 from node.dicom.codes import ACCEPTED_SOP_CLASSES, VERIFICATION
 from node.dicom.pixels import accepted_transfer_syntaxes
-from node.receive.allowlist import check_caller
+from node.receive.allowlist import check_caller, refused_caller
 from node.receive.association import handle_accepted, handle_rejected
-from node.receive.handlers import StoreContext, handle_echo, handle_store
+from node.receive.handlers import (
+    MIB,
+    StoreContext,
+    handle_conn_close,
+    handle_echo,
+    handle_store,
+)
+from node.receive.listener import GateLimits, PeerLog, start_server
 from storage.db import Database
-from storage.filestore import FileStore
+from storage.filestore import FileStore, QuarantineLimits
+from storage.intake import StudyLimits
 
 log = logging.getLogger(__name__)
 
 
 def start_scp(cfg: Config, files: FileStore, db: Database,
               on_complete: Callable[[str], None]) -> ThreadedAssociationServer:
-    """The C-ECHO/C-STORE SCP, serving in background threads of this process."""
+    """The C-ECHO/C-STORE SCP behind the listener's gate, serving in background threads of
+    this process."""
     ae = AE(ae_title=cfg.node.ae_title)
     ae.maximum_pdu_size = cfg.node.max_pdu
     ae.maximum_associations = cfg.node.max_associations
@@ -40,13 +50,34 @@ def start_scp(cfg: Config, files: FileStore, db: Database,
     for uid in sorted(ACCEPTED_SOP_CLASSES):
         ae.add_supported_context(uid, syntaxes)
     ae.add_supported_context(VERIFICATION)
-    ctx = StoreContext(files=files, db=db, patient_secret=patient_secret(cfg.storage_root),
-                       on_complete=on_complete, min_free_bytes=cfg.min_free_bytes)
+    ctx = StoreContext(files=files, db=db.with_lock_wait(cfg.node.store_db_wait_seconds),
+                       patient_secret=patient_secret(cfg.storage_root),
+                       on_complete=on_complete, min_free_bytes=cfg.min_free_bytes,
+                       max_instance_bytes=cfg.admission.max_instance_mb * MIB,
+                       study_limits=StudyLimits(cfg.admission.max_study_instances,
+                                                cfg.admission.max_study_decoded_mb * MIB),
+                       refuse_not_applicable=cfg.admission.refuses_not_applicable)
+    peer_log = PeerLog(cfg.node.log_lines_per_address, cfg.node.log_window_seconds)
     handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [ctx]),
-                (evt.EVT_REQUESTED, partial(check_caller, cfg.caller_rules)),
-                (evt.EVT_REJECTED, handle_rejected), (evt.EVT_ACCEPTED, handle_accepted)]
-    return tls.start_scp(ae, (cfg.node.bind_address, cfg.node.port), handlers,
-                         tls.server_context(cfg), cfg.node.acse_timeout)
+                (evt.EVT_CONN_CLOSE, handle_conn_close),
+                (evt.EVT_REQUESTED, partial(check_caller, cfg.caller_rules, peer_log)),
+                (evt.EVT_REJECTED, handle_rejected, [peer_log]),
+                (evt.EVT_ACCEPTED, handle_accepted, [peer_log])]
+    screen = partial(refused_caller, cfg.caller_rules, peer_log) if cfg.caller_rules else None
+    return start_server(ae, (cfg.node.bind_address, cfg.node.port), handlers,
+                        tls.server_context(cfg), GateLimits.from_config(cfg), peer_log, screen)
+
+
+def receive_to_files(directory: Path) -> None:
+    """Process-wide, in the receiver process's start-up (never at import): pynetdicom writes
+    each C-STORE's dataset to a temp file in `directory` (the store's ``receiving/``) in
+    pieces instead of one growing buffer that the handler then copies, so the size cap is
+    checked before anything is read and a large instance costs one copy of itself in memory
+    (its parsed dataset) instead of three. Every C-STORE SCP and temp file of the process is
+    affected, so a process that also hosts another SCP (a PACS stand-in reading
+    `encoded_dataset`) must not call it: the in-process receiver keeps memory buffers."""
+    tempfile.tempdir = str(directory)  # pynetdicom names no directory of its own
+    _config.STORE_RECV_CHUNKED_DATASET = True
 
 
 def patient_secret(root: Path) -> bytes:
@@ -73,3 +104,9 @@ def _read_secret(path: Path, wait_seconds: float = 5.0) -> bytes:
     if not data:
         raise RuntimeError(f"{path} is empty")
     return data
+
+
+def open_file_store(cfg: Config) -> FileStore:
+    """The node's file store with its configured quarantine bounds (both processes)."""
+    return FileStore(cfg.storage_root, QuarantineLimits(cfg.quarantine_max_copy_bytes,
+                                                        cfg.quarantine_quota_bytes))

@@ -9,14 +9,21 @@ over HTTP from one stdlib thread, on 127.0.0.1 unless configured otherwise:
   restart the node);
 - GET /metrics: the same numbers as Prometheus text.
 
+A client that connects and sends nothing, or half a request, is dropped after a few seconds
+(`REQUEST_TIMEOUT_SECONDS` per read, `REQUEST_DEADLINE_SECONDS` in all), and at most
+`MAX_CONNECTIONS` are served at once (more are closed unanswered): a stuck or hostile client
+cannot hold threads forever.
+
 Nothing in it identifies a patient: counts, ages, sizes, model identity.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,12 +34,17 @@ from typing import Any
 
 from node.config import Config
 from storage.db import Database
+from storage.jobs import failed_studies, jobs_retrying
 from storage.reports import queue_depth, work_backlog
 
 log = logging.getLogger(__name__)
 
 BACKLOG_SECONDS = 600.0  # a complete study waiting longer than this for a worker is trouble
 LOW_DISK_FACTOR = 2  # warn while headroom is under twice the watermark, before refusals start
+FAILED_SHOWN = 5  # failed studies listed by UID and reason in the report
+REQUEST_TIMEOUT_SECONDS = 5.0  # one read of a request may wait this long
+REQUEST_DEADLINE_SECONDS = 10.0  # a whole connection, however slowly it trickles
+MAX_CONNECTIONS = 8  # served at once; probes are quick, a monitor needs one or two
 
 Report = dict[str, Any]
 
@@ -62,10 +74,15 @@ def backlog(db: Database, now: datetime) -> Report:
     """Exports waiting for a retry, the oldest pending work (as ages, so a monitor needs no
     clock of its own), failed studies, last export error."""
     work = work_backlog(db)
+    failed = [{"study_uid": f.study_uid, "reason": f.reason, "attempts": f.attempts}
+              for f in failed_studies(db, FAILED_SHOWN)]
     return {"exports_retrying": work.exports_retrying,
             "oldest_pending_export_seconds": _age(work.oldest_pending_export_at, now),
             "oldest_pending_job_seconds": _age(work.oldest_pending_job_at, now),
-            "failed_studies": work.failed_studies, "last_export_error": work.last_export_error}
+            "failed_studies": work.failed_studies, "last_export_error": work.last_export_error,
+            "classify_retrying": jobs_retrying(db), "failed": failed,
+            # stored, never classified (no whole-body planar view): counted, not a problem
+            "not_applicable_studies": work.not_applicable_studies}
 
 
 def _problems(depth: dict[str, int], work: Report, free: int, watermark: int,
@@ -82,12 +99,23 @@ def _problems(depth: dict[str, int], work: Report, free: int, watermark: int,
         out.append("free disk below the watermark: every C-STORE is refused (0xA700)")
     elif watermark and free < LOW_DISK_FACTOR * watermark:
         out.append("disk headroom low: C-STORE will be refused below the watermark")
+    if work["failed_studies"]:
+        out.append(_failed_problem(work))
     job_age = work["oldest_pending_job_seconds"]
     if job_age is not None and job_age > BACKLOG_SECONDS:
         out.append(f"classification backlog: the oldest complete study has waited {job_age:.0f} s")
     if model_expected and model is None:
         out.append("no model loaded")
     return out
+
+
+def _failed_problem(work: Report) -> str:
+    """Failed studies in words: how many, the latest and its reason, what to do."""
+    latest = work["failed"][0] if work["failed"] else None
+    which = "" if latest is None else \
+        f" (latest {latest['study_uid']}: {latest['reason'] or 'no reason recorded'})"
+    return (f"{work['failed_studies']} study(ies) failed classification{which}: fix the cause, "
+            "then run `python -m node requeue --failed`")
 
 
 def health_report(db: Database, cfg: Config, model: ModelSummary | None,
@@ -132,7 +160,11 @@ def metrics_text(report: Report) -> str:
     lines += ["# TYPE dscint_exports_retrying gauge",
               f"dscint_exports_retrying {work.get('exports_retrying', 0)}",
               "# TYPE dscint_failed_studies gauge",
-              f"dscint_failed_studies {work.get('failed_studies', 0)}"]
+              f"dscint_failed_studies {work.get('failed_studies', 0)}",
+              "# TYPE dscint_classify_retrying gauge",
+              f"dscint_classify_retrying {work.get('classify_retrying', 0)}",
+              "# TYPE dscint_not_applicable_studies gauge",
+              f"dscint_not_applicable_studies {work.get('not_applicable_studies', 0)}"]
     receiver = report.get("receiver")
     if receiver is not None:
         lines += ["# TYPE dscint_receiver_up gauge", f"dscint_receiver_up {int(receiver['alive'])}",
@@ -151,26 +183,91 @@ def summary_line(report: Report) -> str:
     disk = report["disk"]
     text = (f"health: {report['status']}; disk free {disk['free_bytes'] / 2**30:.1f} GiB "
             f"(watermark {disk['watermark_bytes'] / 2**20:.0f} MiB)")
+    not_applicable = report.get("work", {}).get("not_applicable_studies", 0)
+    if not_applicable:
+        text += (f"; {not_applicable} study(ies) not applicable (no whole-body planar view: "
+                 "stored, not classified)")
     return text + "".join(f"\n  - {p}" for p in report["problems"])
 
 
 class _HealthHTTPServer(ThreadingHTTPServer):
-    """Carries the report function to the handler."""
+    """Carries the report function and the timeouts to the handler; one thread per connection,
+    at most `max_connections` at once (one more is closed unanswered: a probe retries)."""
 
     daemon_threads = True
+    block_on_close = False
 
-    def __init__(self, address: tuple[str, int], report: Callable[[], Report]) -> None:
+    def __init__(self, address: tuple[str, int], report: Callable[[], Report],
+                 timeout: float, deadline: float, max_connections: int) -> None:
         self.report = report
+        self.request_timeout, self.deadline = timeout, deadline
+        self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve in a thread while a slot is free; otherwise close the connection now."""
+        if not self._slots.acquire(blocking=False):
+            log.warning("health endpoint busy: connection from %s closed unanswered",
+                        client_address[0])
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # the thread did not start: its slot is free again
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """The connection's thread; its slot is released however it ends."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that vanished mid-answer (or was cut at its deadline) is routine: DEBUG,
+        not a traceback on stderr."""
+        log.debug("health connection from %s ended with an error", client_address[0],
+                  exc_info=True)
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """GET /health, /live, /metrics; anything else 404."""
+    """GET /health, /live, /metrics; anything else 404. Each read waits at most the server's
+    request timeout (a socket timeout: BaseHTTPRequestHandler then drops the connection), and
+    the connection is shut down at the deadline however slowly it trickles."""
 
     server: _HealthHTTPServer
+    _deadline: threading.Timer | None = None
+
+    def setup(self) -> None:
+        """Socket timeout per read, and a timer that ends the connection at the deadline."""
+        super().setup()
+        self.connection.settimeout(self.server.request_timeout)
+        self._deadline = threading.Timer(self.server.deadline, self._expire)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _expire(self) -> None:
+        """Past the deadline: unblock the reader (it sees end of input) and close."""
+        log.info("health request from %s past its %.0f s deadline: closed",
+                 self.client_address[0], self.server.deadline)
+        with contextlib.suppress(OSError):  # already closed
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _stop_deadline(self) -> None:
+        """The request is in (or the connection is over): no deadline any more."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+
+    def finish(self) -> None:
+        """Stop the deadline timer, then flush and close as usual."""
+        self._stop_deadline()
+        with contextlib.suppress(OSError):  # the client went away (or met its deadline)
+            super().finish()
 
     def do_GET(self) -> None:
         """Answer one probe; a failing report is itself 'degraded' (503), never a crash."""
+        self._stop_deadline()  # the request is in: a slow report (busy database) is answered
         path = self.path.split("?", 1)[0]
         if path == "/live":
             self._send(200, "application/json", json.dumps({"status": "alive"}))
@@ -207,9 +304,13 @@ class _Handler(BaseHTTPRequestHandler):
 class HealthServer:
     """The endpoint in a background thread; `port` is the bound one (0 asks the OS)."""
 
-    def __init__(self, bind_address: str, port: int, report: Callable[[], Report]) -> None:
+    def __init__(self, bind_address: str, port: int, report: Callable[[], Report],
+                 timeout: float = REQUEST_TIMEOUT_SECONDS,
+                 deadline: float = REQUEST_DEADLINE_SECONDS,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         """Bind now (an occupied port fails start-up, as the SCP's would)."""
-        self._server = _HealthHTTPServer((bind_address, port), report)
+        self._server = _HealthHTTPServer((bind_address, port), report, timeout, deadline,
+                                         max_connections)
         self.port = int(self._server.server_address[1])
         self._thread: threading.Thread | None = None
 

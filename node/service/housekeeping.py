@@ -1,6 +1,11 @@
-"""Housekeeping: purge delivered studies after the retention period, old quarantined files and
-leftover temp files. The node's scheduler runs `run_housekeeping`; every function takes `now=`
-so the rules can be tested without waiting days.
+"""Housekeeping: purge delivered studies after the retention period, quarantined files past
+their own age limit or the quarantine's quota, and leftover temp files. The node's scheduler
+runs `run_housekeeping`; every function takes `now=` so the rules can be tested without waiting
+days.
+
+The quarantine's bounds do not depend on retention: `[storage].quarantine_days` (0 = no age
+limit) and `[storage].quarantine_quota_mb`, oldest first. The receiver enforces the quota on each
+refusal too; housekeeping's pass keeps it when several processes or machines share the folder.
 
 What may go: only a study that is classified, has at least one SR export and every export
 acknowledged by PACS, once the newest of its last instance and its last acknowledgement is older
@@ -113,23 +118,36 @@ def purge_quarantine(files: FileStore, cutoff: datetime) -> int:
     return n
 
 
+def bound_quarantine(files: FileStore, storage: StorageSection,
+                     now: datetime | None = None) -> int:
+    """The quarantine's age limit, then its quota (oldest first); how many files went."""
+    removed = 0
+    if storage.quarantine_days > 0:
+        removed = purge_quarantine(files, _now(now) - timedelta(days=storage.quarantine_days))
+    return removed + files.trim_quarantine(storage.quarantine_quota_mb * 1024 * 1024)
+
+
 def housekeeping(db: Database, files: FileStore, storage: StorageSection,
                  now: datetime | None = None) -> PurgeReport:
-    """One run: leftover temp files always; purges only when retention_days > 0."""
+    """One run: leftover temp files and the quarantine's bounds always; delivered studies only
+    when retention_days > 0."""
     temp = files.sweep_temp(older_than_seconds=TEMP_GRACE_SECONDS)
+    quarantined = bound_quarantine(files, storage, now)
+    if quarantined:
+        log.info("housekeeping: removed %d quarantined file(s) (older than %g day(s) or over "
+                 "the %d MiB quota)", quarantined, storage.quarantine_days,
+                 storage.quarantine_quota_mb)
     if storage.retention_days <= 0:
-        return PurgeReport(temp=temp)
+        return PurgeReport(quarantined=quarantined, temp=temp)
     cutoff = _now(now) - timedelta(days=storage.retention_days)
     studies = n_files = n_bytes = 0
     for uid in purgeable_studies(db, cutoff, BATCH):
         f, b = purge_study(db, files, uid, cutoff, now=now)
         studies, n_files, n_bytes = studies + 1, n_files + f, n_bytes + b
-    report = PurgeReport(studies, n_files, n_bytes, purge_quarantine(files, cutoff), temp)
-    if studies or report.quarantined:
+    if studies:
         log.info("housekeeping: purged %d delivered study(ies) older than %g day(s) (%d files, "
-                 "%.1f MiB) and %d quarantined file(s)", studies, storage.retention_days,
-                 n_files, n_bytes / 2**20, report.quarantined)
-    return report
+                 "%.1f MiB)", studies, storage.retention_days, n_files, n_bytes / 2**20)
+    return PurgeReport(studies, n_files, n_bytes, quarantined, temp)
 
 
 def run_housekeeping(db: Database, files: FileStore, storage: StorageSection) -> None:

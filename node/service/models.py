@@ -2,7 +2,10 @@
 (else `[model].path`), followed without restart when a physicist promotes or rolls back.
 
 A new version is loaded and checked completely before it replaces the old one; a study being
-classified keeps the model it started with.
+classified keeps the model it started with. Any failure to load, verify or dry-run a model (a
+ModelFileError, but also a RuntimeError from a forward that raises, an OSError, a torch error)
+falls back to the last good model with a log line naming the file and the reason; with no
+loadable model at all, start-up fails with ModelFileError.
 """
 
 from __future__ import annotations
@@ -21,10 +24,24 @@ log = logging.getLogger(__name__)
 
 
 def load_classifier(path: Path) -> Classifier:
-    """Load, verify and prepare one model file; freed load-time copies go back to the OS."""
-    clf = Classifier(path)
-    trim_memory()
+    """Load, verify and prepare one model file; freed load-time copies go back to the OS.
+    Whatever goes wrong is raised as ModelFileError naming the file and the reason."""
+    try:
+        clf = Classifier(path)
+    except ModelFileError:
+        raise
+    except Exception as exc:  # torch raises RuntimeError (and others) from a broken module
+        raise ModelFileError(f"{path}: {type(exc).__name__}: {failure_reason(exc)}") from exc
+    finally:
+        trim_memory()
     return clf
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The last line of an error (a TorchScript error ends with the one that matters), not its
+    traceback; at most 300 characters."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
 
 
 def load_registered(rec: ModelRecord) -> Classifier:
@@ -52,8 +69,9 @@ class ModelHolder:
             try:
                 return load_registered(rec), rec.version
             except ModelFileError as exc:
-                log.error("registry model %s does not load (%s): serving [model].path %s",
-                          rec.version, exc, configured_path)
+                log.error("registry model %s (%s) does not load: %s; serving [model].path %s",
+                          rec.version, rec.path, exc, configured_path)
+                self._failed = rec.version
         return load_classifier(configured_path), None
 
     def current(self) -> Classifier:
@@ -73,8 +91,8 @@ class ModelHolder:
             return False
         try:
             new = load_registered(rec)
-        except ModelFileError as exc:
-            log.error("cannot serve model %s: %s; keeping %s", rec.version, exc,
+        except Exception as exc:  # load_registered says ModelFileError; anything else too
+            log.error("cannot serve model %s (%s): %s; keeping %s", rec.version, rec.path, exc,
                       self.current().metadata.version)
             self._failed = rec.version
             return False

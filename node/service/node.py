@@ -18,10 +18,11 @@ from node.classify import worker
 from node.classify.sr import DeviceInfo
 from node.config import Config
 from node.export import delivery as exporter
+from node.export.policy import backoff_delay
 from node.export.scu import Destination
 from node.logs import keep_phi_out_of_logs
 from node.receive.process import ReceiverProcess
-from node.receive.server import start_scp
+from node.receive.server import open_file_store, start_scp
 from node.service import health, housekeeping
 from node.service.models import ModelHolder
 from storage.db import CompletionReason, Database
@@ -69,7 +70,7 @@ class Node:
         Process-wide settings are not made here: see node.service.startup."""
         tls.server_context(self.cfg)  # a missing or bad PEM file raises ConfigError here
         tls.client_context(self.cfg)
-        self.files = FileStore(self.cfg.storage_root)
+        self.files = open_file_store(self.cfg)
         self.db = Database(self.cfg.database_url)
         self.db.create_all()
         try:
@@ -128,10 +129,13 @@ class Node:
         return self
 
     def _start_threads(self) -> None:
+        n = self.cfg.node
         wctx = worker.WorkerContext(
             db=self.db, files=self.files, classifier=self.current_classifier,
             device=device_info(self.cfg), destination=self.cfg.pacs_destination,
-            on_result=self._export.set)
+            on_result=self._export.set, max_attempts=n.classify_max_attempts,
+            retry_delay=partial(backoff_delay, base_seconds=n.classify_backoff_seconds,
+                                cap_seconds=n.classify_backoff_cap_seconds))
         for i in range(self.cfg.node.worker_threads):
             self._spawn(f"worker-{i}", partial(worker.run_forever, wctx,
                                                f"{self.worker_prefix}:w{i}", self._work,

@@ -15,6 +15,13 @@ dataset bytes are broken in one way, with what the node should do about it:
 - NOT_NEGOTIATED: an unknown transfer syntax or SOP class: the association refuses the
   presentation context, so nothing can be sent at all.
 
+Where exactly one status is right, `HostileInput.status` names it: codestream bombs (a frame's
+JPEG 2000, JPEG or JPEG-LS header declaring 16384 x 16384 or 4096 tiles in a 64 x 64 DICOM
+header) answer 0xC015, codestreams that disagree with the header or cannot be read (wrong
+component count, truncated headers, broken RLE segment tables) 0xC210, and the size bombs (a
+deflated body inflating to 512 MiB, an instance over the default [admission].max_instance_mb)
+0xC015.
+
 `corpus(seed)` is the fixed catalogue. `truncated`, `garbled`, `header_mutation`, `vr_swap`
 and `pixel_length` take parameters, so hypothesis (tests) or a seeded RNG (the soak) explore
 them. Nothing here touches the network except `send_inputs`.
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import random
 import struct
 import warnings
@@ -35,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from pydicom import Dataset
 from pydicom import config as pydicom_config
 from pydicom.datadict import tag_for_keyword
@@ -43,6 +52,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.pixels import get_encoder
 from pydicom.tag import BaseTag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
@@ -54,6 +64,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
     RLELossless,
     generate_uid,
 )
@@ -63,6 +75,7 @@ from pynetdicom import _config as pynetdicom_config
 from model.phantom_dicom import DicomLayout, study_datasets
 from model.phantoms import generate_study
 from node.dicom.codes import NM_IMAGE_STORAGE, SC_IMAGE_STORAGE
+from node.dicom.status import Status
 from node.export.scu import Destination
 
 CT_IMAGE_STORAGE = str(CTImageStorage)
@@ -100,6 +113,7 @@ class HostileInput:
     transfer_syntax: str
     body: bytes
     expect: Expect
+    status: int | None = None  # the one right answer, where there is exactly one
 
     def part10(self) -> bytes:
         """Preamble, 'DICM', file meta (always valid) and the body as built."""
@@ -180,13 +194,14 @@ def encode(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
 
 def make_input(name: str, ds: Dataset, expect: Expect,
                transfer_syntax: str = ExplicitVRLittleEndian, body: bytes | None = None,
-               sop_uid: str | None = None, sop_class: str | None = None) -> HostileInput:
+               sop_uid: str | None = None, sop_class: str | None = None,
+               status: int | None = None) -> HostileInput:
     """Wrap a dataset (or raw body bytes) with the file meta that announces it."""
     sop = sop_uid if sop_uid is not None else str(ds.get("SOPInstanceUID", "") or "")
     klass = sop_class if sop_class is not None else str(ds.get("SOPClassUID", "") or
                                                         NM_IMAGE_STORAGE)
     data = body if body is not None else encode(ds, transfer_syntax)
-    return HostileInput(name, klass, sop, transfer_syntax, data, expect)
+    return HostileInput(name, klass, sop, transfer_syntax, data, expect, status)
 
 
 def _set(ds: Dataset, keyword: str, vr: str, value: Any) -> Dataset:
@@ -290,6 +305,214 @@ def dimensions(base: Dataset, seed: int, rows: int, cols: int, frames: int) -> H
     _set(ds, "Columns", "US", cols & 0xFFFF)
     _set(ds, "NumberOfFrames", "IS", str(frames))
     return make_input(f"dims:{rows}x{cols}x{frames}", ds, Expect.ACCEPT if same else Expect.REFUSE)
+
+
+# --- codestreams and size bombs (parametrised too) --------------------------------------------
+
+FRAME_SIZE = 64  # Rows and Columns of the DICOM header in the codestream cases
+BOMB_SIZE = 16384  # what a bomb's codestream declares instead
+INFLATED_BOMB_BYTES = 512 * 2**20
+OVERSIZE_BYTES = 65 * 2**20  # just over the default [admission].max_instance_mb (64 MiB)
+JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+_SOF_CODES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+
+
+def square_image(base: Dataset, seed: int, name: str, bits: int = 16) -> Dataset:
+    """A native FRAME_SIZE x FRAME_SIZE copy of `base` (its counts tiled), 8- or 16-bit."""
+    ds = fresh(base, seed, name)
+    px = np.resize(_pixels(base), (FRAME_SIZE, FRAME_SIZE))
+    ds.Rows = ds.Columns = FRAME_SIZE
+    if bits == 8:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+        ds.PixelData = np.clip(px, 0, 255).astype(np.uint8).tobytes()
+    else:
+        ds.PixelData = px.astype("<u2").tobytes()
+    return ds
+
+
+def encoded_frame(ds: Dataset, transfer_syntax: str, colour: bool = False) -> bytes:
+    """The native frame of `ds` encoded: Pillow for JPEG baseline (8-bit, or 3 components when
+    `colour`), pydicom's installed encoders otherwise (RLE, pylibjpeg-openjpeg, pyjpegls).
+    Deterministic: same pixels, same bytes."""
+    if transfer_syntax == JPEGBaseline8Bit:
+        grey = np.frombuffer(ds.PixelData, np.uint8).reshape(int(ds.Rows), int(ds.Columns))
+        image = Image.fromarray(np.stack([grey] * 3, -1) if colour else grey)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        return buffer.getvalue()
+    return bytes(get_encoder(transfer_syntax).encode(ds, index=0))
+
+
+def encapsulated(ds: Dataset, frames: Sequence[bytes]) -> Dataset:
+    """`ds` with these encoded frames as its Pixel Data (Number of Frames to match)."""
+    ds.NumberOfFrames = len(frames)
+    ds.EnergyWindowVector = [1] * len(frames)
+    ds.DetectorVector = list(range(1, len(frames) + 1))
+    ds.PixelData = encapsulate(list(frames))
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+def with_siz(stream: bytes, rows: int, cols: int, components: int = 1, precision: int = 16,
+             tile: int | None = None) -> bytes:
+    """A JPEG 2000 codestream (SOC first) whose SIZ declares rows x cols, `components`
+    components of `precision` bits and square tiles of `tile` (None: one tile)."""
+    (old_length,) = struct.unpack_from(">H", stream, 4)
+    siz = struct.pack(">HHHIIIIIIIIH", 0xFF51, 38 + 3 * components, 0, cols, rows, 0, 0,
+                      tile or cols, tile or rows, 0, 0, components)
+    siz += bytes([precision - 1, 1, 1]) * components
+    return stream[:2] + siz + stream[4 + old_length:]
+
+
+def jp2_wrapped(stream: bytes, rows: int, cols: int) -> bytes:
+    """A codestream inside a JP2 file (signature, ftyp, jp2h with an ihdr of rows x cols, then
+    jp2c): the ihdr may say one size and the codestream another."""
+    ihdr = _box(b"ihdr", struct.pack(">IIHBBBB", rows, cols, 1, 15, 7, 0, 0))
+    colr = _box(b"colr", bytes([1, 0, 0]) + struct.pack(">I", 17))
+    return (JP2_SIGNATURE + _box(b"ftyp", b"jp2 " + bytes(4) + b"jp2 ")
+            + _box(b"jp2h", ihdr + colr) + _box(b"jp2c", stream))
+
+
+def _box(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+
+def with_sof(stream: bytes, rows: int, cols: int, marker: int | None = None) -> bytes:
+    """A JPEG or JPEG-LS stream whose first frame header (SOFn or SOF55) declares rows x cols,
+    and is another SOF marker when `marker` is given."""
+    data = bytearray(stream)
+    pos = 2
+    while data[pos + 1] not in _SOF_CODES:
+        pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+    struct.pack_into(">HH", data, pos + 5, rows, cols)
+    if marker is not None:
+        data[pos + 1] = marker
+    return bytes(data)
+
+
+def with_rle_header(frame: bytes, count: int, offsets: Sequence[int]) -> bytes:
+    """An RLE frame whose 64-byte header says `count` segments at `offsets`."""
+    padded = [*offsets, *([0] * (15 - len(offsets)))][:15]
+    return struct.pack("<16I", count, *padded) + frame[64:]
+
+
+def codestream_input(base: Dataset, seed: int, label: str, transfer_syntax: str,
+                     frames: Sequence[bytes], status: int | None, bits: int = 16
+                     ) -> HostileInput:
+    """A FRAME_SIZE x FRAME_SIZE DICOM header around these encoded frames; refused with
+    `status`, or stored when None."""
+    ds = encapsulated(square_image(base, seed, f"codestream-{label}", bits), frames)
+    expect = Expect.ACCEPT if status is None else Expect.REFUSE
+    return make_input(f"codestream:{label}", ds, expect, transfer_syntax=transfer_syntax,
+                      status=status)
+
+
+def _streams(base: Dataset, seed: int) -> dict[str, bytes]:
+    """Genuine encodings of one FRAME_SIZE x FRAME_SIZE image, the bombs' raw material."""
+    grey16 = square_image(base, seed, "streams")
+    grey8 = square_image(base, seed, "streams-8", bits=8)
+    return {"j2k": encoded_frame(grey16, JPEG2000Lossless),
+            "jls": encoded_frame(grey16, JPEGLSLossless),
+            "rle": encoded_frame(grey16, RLELossless),
+            "jpeg": encoded_frame(grey8, JPEGBaseline8Bit),
+            "jpeg-rgb": encoded_frame(grey8, JPEGBaseline8Bit, colour=True)}
+
+
+def codestream_bombs(base: Dataset, seed: int) -> list[HostileInput]:
+    """Frames whose own header declares far more than the 64 x 64 DICOM header around them:
+    refused 0xC015 before any decoder allocates (RLE declares no size: its segment table,
+    pointing outside the frame or at 15 segments, is refused 0xC210)."""
+    s, big = _streams(base, seed), BOMB_SIZE
+    j2k_bomb = with_siz(s["j2k"], big, big)
+    cases = [("J2K declares 16384x16384", JPEG2000Lossless, [j2k_bomb], 16),
+             ("J2K in a JP2 box declares 16384x16384", JPEG2000Lossless,
+              [jp2_wrapped(j2k_bomb, FRAME_SIZE, FRAME_SIZE)], 16),
+             ("J2K with 4096 tiles of 1x1", JPEG2000Lossless,
+              [with_siz(s["j2k"], FRAME_SIZE, FRAME_SIZE, tile=1)], 16),
+             ("J2K bomb in frame 2 of 2", JPEG2000Lossless, [s["j2k"], j2k_bomb], 16),
+             ("JPEG baseline declares 16384x16384", JPEGBaseline8Bit,
+              [with_sof(s["jpeg"], big, big)], 8),
+             ("JPEG lossless SOF3 declares 16384x16384", JPEGLosslessSV1,
+              [with_sof(s["jpeg"], big, big, marker=0xC3)], 8),
+             ("JPEG-LS declares 16384x16384", JPEGLSLossless, [with_sof(s["jls"], big, big)], 16)]
+    out = [codestream_input(base, seed, label, ts, frames, Status.TOO_LARGE, bits)
+           for label, ts, frames, bits in cases]
+    for label, rle in (("RLE header declares 15 segments", with_rle_header(
+                            s["rle"], 15, [64 + i for i in range(15)])),
+                       ("RLE segment offset outside the frame", with_rle_header(
+                            s["rle"], 2, [64, 0xFFFFFFF0]))):
+        out.append(codestream_input(base, seed, label, RLELossless, [rle],
+                                    Status.CANNOT_DECODE))
+    return out
+
+
+def _codestream_cases(base: Dataset, seed: int) -> Iterator[HostileInput]:
+    """Codestream bombs, codestreams that disagree with the DICOM header or cannot be read
+    (0xC210), and the genuine encodings they were made from (stored)."""
+    s, d = _streams(base, seed), FRAME_SIZE
+    yield from codestream_bombs(base, seed)
+    bad = Status.CANNOT_DECODE
+    for label, ts, frames, bits in (
+            ("J2K declares 4096x4096", JPEG2000Lossless, [with_siz(s["j2k"], 4096, 4096)], 16),
+            ("J2K has 3 components", JPEG2000Lossless, [with_siz(s["j2k"], d, d, 3)], 16),
+            ("J2K precision 24 bits", JPEG2000Lossless,
+             [with_siz(s["j2k"], d, d, precision=24)], 16),
+            ("J2K truncated in SIZ", JPEG2000Lossless, [s["j2k"][:20]], 16),
+            ("JPEG has 3 components", JPEGBaseline8Bit, [s["jpeg-rgb"]], 8),
+            ("JPEG truncated before SOF", JPEGBaseline8Bit, [s["jpeg"][:10]], 8),
+            ("JPEG-LS truncated in SOF55", JPEGLSLossless, [s["jls"][:8]], 16),
+            ("JPEG-LS stream under JPEG lossless", JPEGLosslessSV1, [s["jls"]], 16),
+            ("RLE header truncated", RLELossless, [s["rle"][:40]], 16),
+            ("RLE offsets decrease", RLELossless, [with_rle_header(s["rle"], 2, [64, 40])], 16)):
+        yield codestream_input(base, seed, label, ts, frames, bad, bits)
+    ds = encapsulated(square_image(base, seed, "codestream-two-declared"), [s["j2k"]])
+    ds.NumberOfFrames, ds.EnergyWindowVector, ds.DetectorVector = 2, [1, 1], [1, 2]
+    yield make_input("codestream:2 frames declared, 1 encapsulated", ds, Expect.REFUSE,
+                     transfer_syntax=JPEG2000Lossless, status=bad)
+    for label, ts, key, bits in (("genuine J2K", JPEG2000Lossless, "j2k", 16),
+                                 ("genuine JPEG-LS", JPEGLSLossless, "jls", 16),
+                                 ("genuine RLE", RLELossless, "rle", 16),
+                                 ("genuine JPEG baseline", JPEGBaseline8Bit, "jpeg", 8)):
+        yield codestream_input(base, seed, label, ts, [s[key]], None, bits)
+
+
+def deflate_bomb(base: Dataset, seed: int, inflated_bytes: int = INFLATED_BOMB_BYTES
+                 ) -> HostileInput:
+    """A deflated body of about 0.5 MB that inflates to `inflated_bytes`: a valid header whose
+    Pixel Data claims (and holds) all of them in zeros. Inflated whole, it would cost the
+    receiver that much memory; the bounded inflate refuses it 0xC015."""
+    ds = fresh(base, seed, f"deflate-bomb-{inflated_bytes}")
+    del ds.PixelData
+    head = encode(ds) + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, 0)
+    length = inflated_bytes - len(head)
+    head = head[:-4] + struct.pack("<I", length - length % 2)
+    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts, chunk, left = [packer.compress(head)], bytes(2**20), length - length % 2
+    while left > 0:
+        parts.append(packer.compress(chunk[:min(left, len(chunk))]))
+        left -= len(chunk)
+    parts.append(packer.flush())
+    return make_input(f"size:deflated body inflating to {inflated_bytes // 2**20} MiB", ds,
+                      Expect.REFUSE, transfer_syntax=DeflatedExplicitVRLittleEndian,
+                      body=b"".join(parts), status=Status.TOO_LARGE)
+
+
+def oversize(base: Dataset, seed: int, n_bytes: int = OVERSIZE_BYTES) -> HostileInput:
+    """A valid instance padded with a private element to `n_bytes` encoded: over the default
+    [admission].max_instance_mb, refused 0xC015 before it is parsed."""
+    ds = fresh(base, seed, f"oversize-{n_bytes}")
+    ds.add_new(0x00190010, "LO", "DSCINT HOSTILE")
+    ds.add_new(0x00191000, "OB", b"")
+    filler = max(0, n_bytes - len(encode(ds)))
+    ds[0x00191000].value = bytes(filler + filler % 2)
+    return make_input(f"size:encoded instance of {n_bytes // 2**20} MiB", ds, Expect.REFUSE,
+                      status=Status.TOO_LARGE)
+
+
+def _size_cases(base: Dataset, seed: int) -> Iterator[HostileInput]:
+    """What only the encoded-size cap and the bounded inflate stop."""
+    yield deflate_bomb(base, seed)
+    yield oversize(base, seed)
 
 
 # --- the fixed catalogue ------------------------------------------------------------------
@@ -466,6 +689,26 @@ def _negotiation_cases(base: Dataset, seed: int) -> Iterator[HostileInput]:
     yield make_input("negotiation:CT Image Storage", ds, Expect.NOT_NEGOTIATED)
 
 
+def _applicability_cases(base: Dataset, seed: int) -> Iterator[HostileInput]:
+    """Valid NM images that are not whole-body planar views, and headers the applicability
+    gate must read without failing. Under the default `[admission].not_applicable = "store"`
+    each is stored (Success) and never classified; "refuse" would answer 0xC016."""
+    for image_type, (frames, rows, cols) in (("DYNAMIC", (24, 64, 64)),
+                                             ("STATIC", (1, 256, 256)),
+                                             ("TOMO", (32, 64, 64))):
+        ds = fresh(base, seed, f"applicability-{image_type}")
+        ds.ImageType = ["ORIGINAL", "PRIMARY", image_type, "EMISSION"]
+        ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, frames
+        ds.PixelData = np.zeros((frames, rows, cols), "<u2").tobytes()
+        yield make_input(f"applicability:{image_type} {frames}x{rows}x{cols}", ds, Expect.ACCEPT)
+    ds = fresh(base, seed, "applicability-image-type-garbage")
+    _set(ds, "ImageType", "CS", "\\\x01\xff" * 30)
+    yield make_input("applicability:Image Type garbage", ds, Expect.ACCEPT)
+    ds = fresh(base, seed, "applicability-spacing-garbage")
+    _set(ds, "PixelSpacing", "DS", "abc\\-1e999")
+    yield make_input("applicability:Pixel Spacing not numbers", ds, Expect.ACCEPT)
+
+
 def patient_conflict(base: Dataset, seed: int) -> list[HostileInput]:
     """A study UID reused for a different patient: the first is stored, the second refused
     (two patients' images must never merge into one study)."""
@@ -502,7 +745,8 @@ def phi_bearing(base: Dataset, seed: int, name: str, patient_id: str) -> list[Ho
 
 
 CATALOGUE: tuple[Callable[[Dataset, int], Iterator[HostileInput]], ...] = (
-    _odd, _pixel_cases, _geometry_cases, _uid_cases, _structure_cases, _negotiation_cases)
+    _odd, _pixel_cases, _geometry_cases, _uid_cases, _structure_cases, _negotiation_cases,
+    _applicability_cases, _codestream_cases, _size_cases)
 
 
 def corpus(base: Dataset, seed: int = 0) -> list[HostileInput]:
