@@ -48,7 +48,8 @@ def _line(r: TrialReport) -> str:
             f"temp files, re-queued {r.jobs_requeued} jobs, {r.exports_requeued} exports), "
             f"{r.crashes} crashes, lost {len(r.lost)}, SRs missing {len(r.missing_srs)} "
             f"dup {len(r.duplicate_srs)} redelivered {r.sr_redeliveries}, hostile "
-            f"{r.hostile_tried} ({len(r.hostile_unexpected)} unexpected), peak RSS "
+            f"{r.hostile_tried} ({len(r.hostile_unexpected)} unexpected), flood "
+            f"{r.flood_connections} connections, peak RSS "
             f"{r.peak_rss_mib:.0f} MiB, {r.seconds:.0f} s")
 
 
@@ -63,6 +64,7 @@ def summarise(reports: list[TrialReport]) -> dict[str, object]:
         "kills": sum(r.kills for r in reports), "crashes": sum(r.crashes for r in reports),
         "hostile_tried": sum(r.hostile_tried for r in reports),
         "hostile_unexpected": sum(len(r.hostile_unexpected) for r in reports),
+        "flood_connections": sum(r.flood_connections for r in reports),
         "missing_srs": sum(len(r.missing_srs) for r in reports),
         "duplicate_srs": sum(len(r.duplicate_srs) for r in reports),
         "sr_redeliveries": sum(r.sr_redeliveries for r in reports),

@@ -12,12 +12,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 
 from node.demo.pacs_standin import PacsStandIn
 from node.dicom.identity import is_valid_uid
@@ -97,13 +98,23 @@ def served(tmp_path_factory: pytest.TempPathFactory, untrained_model: Path
         pacs.stop()
 
 
-def _stored(s: Served, sop_uid: str) -> bool:
+def _stored_in(s: Served, sop_uid: str) -> str | None:
+    """The study the node holds this SOP under, None when it holds none."""
     db = Database(f"sqlite:///{s.root / 'dscint.db'}")
     try:
         with db.read_session() as session:
-            return session.get(Instance, sop_uid) is not None
+            row = session.get(Instance, sop_uid)
+            return None if row is None else row.study_uid
     finally:
         db.dispose()
+
+
+def _study_of(case: hostile.HostileInput) -> str:
+    return str(dcmread(BytesIO(case.part10())).StudyInstanceUID)
+
+
+def _stored(s: Served, sop_uid: str) -> bool:
+    return _stored_in(s, sop_uid) is not None
 
 
 def _check(s: Served, case: hostile.HostileInput) -> int | None:
@@ -131,7 +142,10 @@ def _check(s: Served, case: hostile.HostileInput) -> int | None:
     assert copies, f"{case.name}: no copy"
     assert all(c.stat().st_size <= COPY_CAP_KIB * 1024 for c in copies), case.name
     assert list((s.root / "quarantine").glob(f"*_{hint}_*.reason.txt")), case.name
-    assert not _stored(s, case.sop_uid), f"{case.name}: refused yet stored"
+    if status == Status.SOP_IN_OTHER_STUDY:  # the SOP is stored, under its first study only
+        assert _stored_in(s, case.sop_uid) not in (None, _study_of(case)), case.name
+    else:
+        assert not _stored(s, case.sop_uid), f"{case.name}: refused yet stored"
     return status
 
 

@@ -722,6 +722,24 @@ def patient_conflict(base: Dataset, seed: int) -> list[HostileInput]:
             make_input("conflict:same study UID, another patient", second, Expect.REFUSE)]
 
 
+def identity_cases(base: Dataset, seed: int) -> list[HostileInput]:
+    """Identity rules, in sending order: an instance without patient attributes may not join
+    a study that has a patient (0xC002), and a stored SOP Instance UID may not reappear under
+    another study (0xC003); each first instance is stored."""
+    owner = fresh(base, seed, "identity-owner")
+    anonymous = fresh(base, seed, "identity-anonymous", same_study=True)
+    anonymous.StudyInstanceUID = owner.StudyInstanceUID
+    for keyword in ("PatientID", "PatientName", "PatientBirthDate"):
+        setattr(anonymous, keyword, "")
+    moved = fresh(base, seed, "identity-moved")
+    moved.SOPInstanceUID = owner.SOPInstanceUID
+    return [make_input("identity:study with a patient", owner, Expect.ACCEPT),
+            make_input("identity:anonymous instance joining it", anonymous, Expect.REFUSE,
+                       status=Status.NO_PATIENT_IDENTITY),
+            make_input("identity:stored SOP under another study", moved, Expect.REFUSE,
+                       status=Status.SOP_IN_OTHER_STUDY)]
+
+
 def phi_bearing(base: Dataset, seed: int, name: str, patient_id: str) -> list[HostileInput]:
     """The patient's own name and ID where they do not belong: a node that quotes values in
     its log would leak them (the PHI test greps for them)."""
@@ -750,9 +768,10 @@ CATALOGUE: tuple[Callable[[Dataset, int], Iterator[HostileInput]], ...] = (
 
 
 def corpus(base: Dataset, seed: int = 0) -> list[HostileInput]:
-    """The fixed catalogue, plus a patient conflict pair (sent in this order)."""
+    """The fixed catalogue, plus the patient conflict and identity sequences (sent in this
+    order)."""
     out = [case for family in CATALOGUE for case in family(base, seed)]
-    return out + patient_conflict(base, seed)
+    return out + patient_conflict(base, seed) + identity_cases(base, seed)
 
 
 def random_inputs(base: Dataset, seed: int, n: int) -> list[HostileInput]:

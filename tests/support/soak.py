@@ -27,6 +27,7 @@ import contextlib
 import copy
 import random
 import re
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -230,6 +231,49 @@ def run_hostile(cases: list[hostile.HostileInput], port: int, workdir: Path,
             tally.accepted[case.sop_uid] = path
 
 
+FLOOD_ADDRESS = "127.0.0.2"  # its own per-address budget: the cameras keep theirs
+FLOOD_IDLE = 20  # silent sockets held open (the node drops them after first_pdu_timeout)
+
+
+def run_flooder(port: int, report: TrialReport, stop: threading.Event,
+                interval: float = 0.1) -> None:
+    """What a port scan or a broken client does while cameras send: connections that close at
+    once and sockets that never speak, from one other address, until `stop`."""
+    idle: list[socket.socket] = []
+    try:
+        while not stop.wait(interval):
+            for keep in (False, True):
+                try:
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=1.0,
+                                                    source_address=(FLOOD_ADDRESS, 0))
+                except OSError:  # refused while the node restarts, or over its limits
+                    continue
+                report.flood_connections += 1
+                if keep and len(idle) < FLOOD_IDLE:
+                    idle.append(sock)
+                else:
+                    sock.close()
+            idle = [s for s in idle if _still_open(s)]
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """False (and closed) once the node has dropped it."""
+    try:
+        sock.setblocking(False)
+        if sock.recv(1, socket.MSG_PEEK) == b"":
+            sock.close()
+            return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        sock.close()
+        return False
+    return True
+
+
 def expected_answer(expect: hostile.Expect, status: int) -> bool:
     """Does a status fit the expectation? (NOT_NEGOTIATED inputs are never sent.)"""
     if expect is hostile.Expect.ACCEPT:
@@ -387,6 +431,7 @@ class TrialReport:
     jobs_requeued: int = 0
     exports_requeued: int = 0
     errors_logged: list[str] = field(default_factory=list)
+    flood_connections: int = 0  # connect+close and idle sockets from another address
     peak_rss_mib: float = 0.0
     seconds: float = 0.0
 
@@ -459,14 +504,19 @@ def run_trial(trial: int, plan: TrialPlan, pool: list[list[Dataset]], model: Pat
         threads.append(threading.Thread(target=run_hostile, name="hostile",
                                         args=(cases, port, workdir / "hostile", tally,
                                               deadline)))
+        flood_stop = threading.Event()
+        flooder = threading.Thread(target=run_flooder, name="flooder",
+                                   args=(port, report, flood_stop))
         killer = threading.Thread(target=_killer, name="killer",
                                   args=(node, plan, random.Random(plan.seed * 7919), report,
                                         stop))
         with hostile.raw_sending():
-            for t in [*threads, killer]:
+            for t in [*threads, killer, flooder]:
                 t.start()
             for t in threads:
                 t.join()
+            flood_stop.set()
+            flooder.join()
             killer.join()
         study_uids = [st.study_uid for st in studies]
         wait_for_srs(pacs, study_uids, timeout=max(30.0, deadline - time.monotonic()))
