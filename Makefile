@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# the local CPU wheel; any other torch version downloads gigabytes
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,postgres]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -39,7 +39,10 @@ lint: $(STAMP)
 test: lint $(BSTAMP)
 	bash .ci/system-deps.sh
 	$(BPY) -m pytest -q tests/test_baselines.py
-	$(PY) -m pytest -q --ignore=tests/test_baselines.py
+	# a throw-away PostgreSQL server: the storage and end-to-end tests run on it too, and
+	# DSCINT_REQUIRE_POSTGRES=1 makes a missing server a failure, not a skip
+	url="$$(bash .ci/postgres.sh)" && DSCINT_TEST_POSTGRES_URL="$$url" DSCINT_REQUIRE_POSTGRES=1 \
+		$(PY) -m pytest -q --ignore=tests/test_baselines.py
 
 demo: $(STAMP)
 	$(PY) -m node demo

@@ -1,9 +1,10 @@
 """Study classification with an exported Dscint: views in, per-view and per-study probabilities out.
 
-A study's views are classified and combined by averaging their probabilities (anterior and
-posterior views combined). A missing anterior or posterior view is stood in for by the left-right
-mirror of the other (paper §2.2.1), as during training. `StudyClassification` takes the views
-instance by instance, so a caller holds one instance's pixels at a time, with the same result.
+Probabilities are calibrated (the model's temperature, `model.calibration`) per view, then a
+study's views are combined by averaging them (anterior and posterior). A missing anterior or
+posterior view is stood in for by the left-right mirror of the other (paper §2.2.1), as during
+training. `StudyClassification` takes the views instance by instance, so a caller holds one
+instance's pixels at a time, with the same result.
 
 The module served is an inference-optimised copy of the verified TorchScript model (frozen,
 BatchNorm folded into the convolutions, convolutions and pooling on oneDNN): 1.8-1.9x faster
@@ -22,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.calibration import apply_temperature
+from model.explain import ExplainError, grad_cam
 from model.export import (
     ModelFileError,
     ModelMetadata,
@@ -196,7 +199,9 @@ class Classifier:
         verified, self.meta = load_torchscript(path)
         self.module, self.serving, self.check_diff = prepare_for_serving(
             verified, self.meta, optimize)
-        del verified  # a frozen copy shares the weights it needs; the caller may trim
+        # kept for evidence maps (gradients need the unfrozen module); the frozen copy
+        # shares its weights, so this holds no second copy of FC1
+        self._verified = verified
         log.info("loaded model %s version %s sha256 %s (%s), serving %s", path.name,
                  self.meta.version, self.meta.weights_sha256[:12], self.meta.training_data,
                  self.serving)
@@ -217,9 +222,30 @@ class Classifier:
         return np.concatenate(parts)
 
     def predict_batch(self, batch: torch.Tensor) -> np.ndarray:
-        """Probabilities (N, classes) for a preprocessed batch (N, 1, rows, cols)."""
+        """Calibrated probabilities (N, classes) for a preprocessed batch (N, 1, rows, cols):
+        the module's softmax rescaled by the model's temperature (1 for older files)."""
         with torch.inference_mode():
-            return self.module(batch).double().numpy()
+            raw = self.module(batch).double().numpy()
+        return apply_temperature(raw, self.meta.temperature)
+
+    @property
+    def verified_module(self) -> torch.jit.ScriptModule:
+        """The verified (unfrozen) module: gradients for evidence maps flow through it."""
+        return self._verified
+
+    def explain(self, images: Sequence[np.ndarray], class_name: str
+                ) -> list[np.ndarray | None]:
+        """Grad-CAM maps of `class_name` for raw count images, each (rows, cols) in [0, 1];
+        None for each when this network has no layout a map can be computed from."""
+        if not images:
+            return []
+        batch = preprocess_batch(images, self.meta.preprocessing)
+        try:
+            maps = grad_cam(self._verified, batch, self.meta.class_names.index(class_name))
+        except ExplainError as exc:
+            log.info("no evidence map for model %s: %s", self.meta.name, exc)
+            return [None] * len(images)
+        return list(maps)
 
     def classify_study(self, views: Sequence[tuple[str, np.ndarray]]) -> StudyPrediction:
         """Classify all views of one study and combine them."""

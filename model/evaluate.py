@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from model.baseline import trivial_baseline
+from model.calibration import Calibration
 from model.classes import CLASS_NAMES
 from model.export import load_torchscript
 from model.metrics import ClassificationMetrics, compute_metrics
@@ -227,6 +228,7 @@ class RunRecord:
     probabilities: np.ndarray  # held-out probabilities, image level
     trivial: ClassificationMetrics | None = None
     result: TrainResult | None = None  # kept only for the run that gets exported
+    calibration: Calibration | None = None  # temperature, threshold, ECE before and after
 
 
 @dataclass(frozen=True)
@@ -340,7 +342,8 @@ def _one_run(data: LabelledImages, cfg: TrainConfig, params: PreprocessParams,
     return RunRecord(arch=cfg.arch, run=run, seed=cfg.seed, evaluation=ev, history=res.history,
                      images_per_second=res.images_per_second, seconds=res.seconds,
                      train_index=res.train_index, test_index=res.test_index, labels=labels,
-                     probabilities=res.test_probabilities, trivial=trivial, result=res)
+                     probabilities=res.test_probabilities, trivial=trivial, result=res,
+                     calibration=res.calibration)
 
 
 # --- promotion rule ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.calibration import DEFAULT_TEMPERATURE, DEFAULT_THRESHOLD, MIN_THRESHOLD
 from model.classes import CLASS_NAMES, DscintClass
 from model.preprocess import PREPROCESS_VERSION, PreprocessParams
 
@@ -51,6 +53,12 @@ class ModelMetadata:
     metrics: dict[str, Any] = field(default_factory=dict)
     train_config: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
+    # temperature scaling and the "indeterminate" threshold (model.calibration); a file
+    # exported before calibration loads with these defaults: probabilities as the network
+    # gives them, indeterminate only below 0.5
+    temperature: float = DEFAULT_TEMPERATURE
+    indeterminate_below: float = DEFAULT_THRESHOLD
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """Serialised form stored next to the TorchScript code."""
@@ -65,6 +73,8 @@ class ModelMetadata:
             "preprocessing": self.preprocessing.to_dict(), "weights_sha256": self.weights_sha256,
             "training_data": self.training_data, "trained_on_phantoms": self.trained_on_phantoms,
             "metrics": self.metrics, "train_config": self.train_config,
+            "temperature": self.temperature, "indeterminate_below": self.indeterminate_below,
+            "calibration": self.calibration,
             "created_at": self.created_at or datetime.now(UTC).isoformat(timespec="seconds"),
         }
         return json.dumps(doc, indent=2, sort_keys=True)
@@ -101,7 +111,25 @@ class ModelMetadata:
             input_shape=tuple(doc["input_shape"]),  # type: ignore[arg-type]
             preprocessing=pre, metrics=dict(doc.get("metrics", {})),
             train_config=dict(doc.get("train_config", {})), created_at=str(doc["created_at"]),
+            **_calibration_fields(doc),
         )
+
+
+def _calibration_fields(doc: dict[str, Any]) -> dict[str, Any]:
+    """Temperature and threshold from metadata, defaults when absent (older files); invalid
+    values raise ModelFileError rather than serve probabilities nobody validated."""
+    try:
+        temperature = float(doc.get("temperature", DEFAULT_TEMPERATURE))
+        threshold = float(doc.get("indeterminate_below", DEFAULT_THRESHOLD))
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"model calibration is not numeric: {exc}") from exc
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ModelFileError(f"model temperature {temperature} must be finite and > 0")
+    if not MIN_THRESHOLD <= threshold <= 1.0:
+        raise ModelFileError(f"model indeterminate_below {threshold} must be within "
+                             f"[{MIN_THRESHOLD}, 1]")
+    return {"temperature": temperature, "indeterminate_below": threshold,
+            "calibration": dict(doc.get("calibration") or {})}
 
 
 @contextmanager

@@ -94,7 +94,8 @@ def _run_json(r: RunRecord) -> dict[str, Any]:
             "train_images": len(r.train_index), "history": r.history,
             "train_images_per_second": r.images_per_second, "seconds": r.seconds,
             "trivial_baseline": None if r.trivial is None else
-            {k: getattr(r.trivial, k) for k in OVERALL_KEYS}}
+            {k: getattr(r.trivial, k) for k in OVERALL_KEYS},
+            "calibration": None if r.calibration is None else r.calibration.to_dict()}
 
 
 def metrics_json(inp: ReportInputs) -> dict[str, Any]:
@@ -157,6 +158,31 @@ def _speed_table(sums: Mapping[str, ArchSummary]) -> list[str]:
     return _table(["network", "training images/s", "seconds per run", "ECE (image)"], rows)
 
 
+def _fmt(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.4f}"
+
+
+def _calibration_section(records: Sequence[RunRecord], arch: str) -> list[str]:
+    """Temperature scaling and the indeterminate band per run of the primary network; run 0's
+    temperature and threshold are the ones stored in the exported model."""
+    cals = [(r.run, r.calibration) for r in records if r.arch == arch and r.calibration]
+    if not cals:
+        return []
+    target = cals[0][1].target_accuracy
+    rows = [[str(run), f"{c.temperature:.3f}", f"{c.threshold:.3f}", _fmt(c.image_ece_before),
+             _fmt(c.image_ece_after), _fmt(c.study_ece_before), _fmt(c.study_ece_after),
+             f"{c.indeterminate_share:.1%}", _fmt(c.accuracy_called)] for run, c in cals]
+    return [f"## Calibration and the indeterminate band, {get_arch(arch).display}", "",
+            "Temperature T fitted on the held-out part (minimum NLL). ECE after: cross-fitted "
+            "(T fitted on one half of the held-out patients, measured on the other). Threshold: "
+            f"the lowest (>= 0.5) at which the held-out studies called reach {target:.0%} "
+            "accuracy; below it a study is reported indeterminate (1.0: the target was not "
+            "reached, every study is indeterminate).", "",
+            *_table(["run", "T", "threshold", "ECE image before", "ECE image after",
+                     "ECE study before", "ECE study after", "indeterminate studies",
+                     "accuracy on the rest"], rows)]
+
+
 def _paper_table() -> list[str]:
     names = [get_arch(a).display for a in PAPER_TABLE8]
     rows = [[METRIC_TITLES[k]] + [f"{PAPER_TABLE8[a][i]:.4f}" for a in PAPER_TABLE8]
@@ -190,6 +216,7 @@ def metrics_markdown(inp: ReportInputs) -> str:
     lines += _comparison_table(sums, None, "study")
     lines += ["## Training speed and calibration", ""]
     lines += _speed_table(sums)
+    lines += _calibration_section(inp.records, prim.arch)
     if inp.promotion is not None:
         p = inp.promotion
         lines += ["## Promotion", "",

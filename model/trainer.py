@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from model.archs import Probabilities, build_network, get_arch, set_channels_last
 from model.augment import AugmentParams, augment_batch
+from model.calibration import Calibration, calibrate
 from model.classes import CLASS_NAMES
 from model.export import ModelMetadata, export_torchscript
 from model.metrics import ClassificationMetrics, compute_metrics
@@ -80,6 +81,7 @@ class TrainResult:
     seconds: float
     inputs: torch.Tensor  # every image preprocessed, for baselines on the same split
     trained_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    calibration: Calibration | None = None  # temperature and threshold from the held-out part
 
 
 def preprocess_all(images: Sequence[np.ndarray], params: PreprocessParams, progress: bool
@@ -202,6 +204,7 @@ def train_model(data: LabelledImages, cfg: TrainConfig,
         train_index=train_idx, test_index=test_idx, test_probabilities=probs,
         images_per_second=cfg.epochs * len(train_idx) / max(seconds, 1e-9), seconds=seconds,
         inputs=x_all, trained_indices=np.asarray(train_idx)[sorted(seen)],
+        calibration=calibrate(labels[test_idx], probs, test_pids),
     )
 
 
@@ -231,6 +234,14 @@ def export_trained(result: TrainResult, data: LabelledImages, cfg: TrainConfig, 
         name=get_arch(cfg.arch).display, arch=cfg.arch,
         training_data=data.description, trained_on_phantoms=data.trained_on_phantoms,
         preprocessing=params or PreprocessParams(), metrics=headline(result),
-        train_config=cfg_dict,
+        train_config=cfg_dict, **_calibration_metadata(result.calibration),
     )
     return export_torchscript(Probabilities(set_channels_last(result.net, False)), path, meta)
+
+
+def _calibration_metadata(cal: Calibration | None) -> dict[str, Any]:
+    """ModelMetadata's calibration fields; none (the defaults) without a held-out part."""
+    if cal is None or cal.held_out_studies == 0:
+        return {}
+    return {"temperature": cal.temperature, "indeterminate_below": cal.threshold,
+            "calibration": cal.to_dict()}

@@ -1,5 +1,5 @@
-"""`python -m node ...`: serve, status, resend, requeue, demo, phantoms, train, retrain,
-models."""
+"""`python -m node ...`: serve (or one role: receive, worker), status, resend, requeue, demo,
+phantoms, train, retrain, models."""
 
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ log = logging.getLogger("node")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    """serve, receive or worker: the node, or one of its roles (node.service.node.Role)."""
     cfg = load_config(args.config)
     setup_logging(cfg.logging.level)
     from model.export import ModelFileError
-    from node.service.node import Node
+    from node.service.node import Node, Role
     from node.service.startup import prepare_classifier_process, settle_after_model_load
     prepare_classifier_process(cfg)
     try:
-        node = Node(cfg)
+        node = Node(cfg, role=Role(args.command))
     except ModelFileError as exc:
         log.error("cannot start: model %s: %s", cfg.model_path, exc)
         return 2
@@ -48,8 +49,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    from node.ops.status import print_status
-    print_status(cfg)
+    from node.ops.status import StatusFilter, parse_since, print_status
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print_status(cfg, StatusFilter(state=args.state, since=since, study=args.study,
+                                   limit=args.limit), wide=args.wide, as_data=args.json)
     return 0
 
 
@@ -105,15 +112,42 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return run_models(cfg, args)
 
 
+def _version() -> str:
+    """The installed distribution's version (the source tree's when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("dscint-node")
+    except PackageNotFoundError:
+        return "0.1.0 (not installed)"
+
+
+def _add_status_parser(sp: argparse.ArgumentParser) -> None:
+    """`status`: compact table by default; --wide, --json; filters."""
+    sp.add_argument("--config", type=Path, default=Path("config.toml"))
+    shape = sp.add_mutually_exclusive_group()
+    shape.add_argument("--wide", action="store_true", help="every column")
+    shape.add_argument("--json", action="store_true", help="rows, queue and health as JSON")
+    sp.add_argument("--state", choices=["receiving", "complete", "classifying", "classified",
+                                        "failed", "not_applicable"], help="only this state")
+    sp.add_argument("--since", metavar="AGE", help="last instance within AGE (90s, 15m, 2h, "
+                    "7d)")
+    sp.add_argument("--study", metavar="UID", help="this study (its UID's ending suffices)")
+    sp.add_argument("--limit", type=int, default=200, help="at most this many studies")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands; `--config` defaults to embedded defaults."""
-    p = argparse.ArgumentParser(prog="python -m node", description=__doc__)
+    p = argparse.ArgumentParser(prog=Path(sys.argv[0]).name if sys.argv[0].endswith(
+        "dscint-node") else "python -m node", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     for name, helptext in (("serve", "run the DICOM node"),
-                           ("status", "table of studies and their states"),
+                           ("receive", "receiver role only: the SCP, no model (shared queue)"),
+                           ("worker", "worker role only: classify and export, no SCP"),
                            ("resend", "re-queue dead-lettered SR exports")):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("--config", type=Path, default=Path("config.toml"))
+    _add_status_parser(sub.add_parser("status", help="table of studies and their states"))
     rq = sub.add_parser("requeue", help="put failed studies back in the classification queue")
     rq.add_argument("--config", type=Path, default=Path("config.toml"))
     which = rq.add_mutually_exclusive_group(required=True)
@@ -148,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"serve": _cmd_serve, "status": _cmd_status, "resend": _cmd_resend,
+COMMANDS = {"serve": _cmd_serve, "receive": _cmd_serve, "worker": _cmd_serve,
+            "status": _cmd_status, "resend": _cmd_resend,
             "requeue": _cmd_requeue,
             "demo": _cmd_demo, "phantoms": _cmd_phantoms, "train": _cmd_train,
             "retrain": _cmd_retrain, "models": _cmd_models}

@@ -69,6 +69,7 @@ class NodeSection:
     classify_max_attempts: int = 5  # a study whose classification keeps failing: then failed
     classify_backoff_seconds: float = 30.0  # wait before retry n: this * 2**(n-1), capped
     classify_backoff_cap_seconds: float = 600.0
+    claim_lease_seconds: float = 60.0  # a claim with no heartbeat this long goes back to the queue
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class ModelSection:
     """[model]: the TorchScript file to serve."""
 
     path: str = "var/dscint/models/dscint.pt"
+    indeterminate_below: float = 0.0  # 0 = the threshold stored in the model
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,24 @@ class HealthSection:
 
     port: int = 0
     bind_address: str = "127.0.0.1"
+    token: str = ""  # when set, the web page (GET /) needs ?token= or a Bearer header
+    page_refresh_seconds: int = 10  # the web page reloads itself this often
+
+
+ALERT_EVENTS = ("dead_letter", "failed_study", "degraded", "finding")
+
+
+@dataclass(frozen=True)
+class AlertsSection:
+    """[alerts]: webhooks (JSON POST) on trouble; no URL = off."""
+
+    urls: tuple[str, ...] = ()
+    events: tuple[str, ...] = ("dead_letter", "failed_study", "degraded")
+    findings: tuple[str, ...] = ()  # classes that raise a "finding" alert (needs the event)
+    timeout_seconds: float = 5.0  # one POST
+    max_attempts: int = 5  # POSTs per alert before it is given up (logged)
+    backoff_seconds: float = 1.0  # first delay between attempts, doubled each time
+    health_check_seconds: float = 30.0  # how often health is checked for "degraded"
 
 
 NOT_APPLICABLE_POLICIES = ("store", "refuse")
@@ -183,6 +203,7 @@ class Config:
     tls: TlsSection = field(default_factory=TlsSection)
     health: HealthSection = field(default_factory=HealthSection)
     admission: AdmissionSection = field(default_factory=AdmissionSection)
+    alerts: AlertsSection = field(default_factory=AlertsSection)
     base_dir: Path = Path(".")
 
     @property
@@ -309,6 +330,7 @@ def _listener_checks(cfg: Config) -> list[tuple[bool, str]]:
          "[node].max_connection_rate_per_address must be >= 0"),
         (n.log_lines_per_address >= 1, "[node].log_lines_per_address must be >= 1"),
         (n.log_window_seconds > 0, "[node].log_window_seconds must be > 0"),
+        (n.claim_lease_seconds > 0, "[node].claim_lease_seconds must be > 0"),
     ]
 
 
@@ -330,6 +352,17 @@ def _safety_checks(cfg: Config) -> list[tuple[bool, str]]:
         (s.quarantine_days >= 0, "[storage].quarantine_days must be >= 0"),
         (s.housekeeping_seconds > 0, "[storage].housekeeping_seconds must be > 0"),
         (0 <= cfg.health.port <= 65535, "[health].port must be 0-65535"),
+        (0 <= cfg.model.indeterminate_below <= 1,
+         "[model].indeterminate_below must be 0 (the model's own) or a probability up to 1"),
+        (cfg.health.page_refresh_seconds >= 1, "[health].page_refresh_seconds must be >= 1"),
+        (all(e in ALERT_EVENTS for e in cfg.alerts.events),
+         f"[alerts].events must be among {', '.join(ALERT_EVENTS)}"),
+        (all(u.startswith(("http://", "https://")) for u in cfg.alerts.urls),
+         "[alerts].urls must be http:// or https:// URLs"),
+        (cfg.alerts.timeout_seconds > 0 and cfg.alerts.backoff_seconds >= 0
+         and cfg.alerts.health_check_seconds > 0,
+         "[alerts].timeout_seconds and health_check_seconds must be > 0, backoff_seconds >= 0"),
+        (cfg.alerts.max_attempts >= 1, "[alerts].max_attempts must be >= 1"),
         (cfg.admission.not_applicable in NOT_APPLICABLE_POLICIES,
          '[admission].not_applicable must be "store" or "refuse"'),
         (cfg.admission.max_instance_mb >= 1, "[admission].max_instance_mb must be >= 1"),

@@ -54,6 +54,7 @@ SQLITE_POOL_OVERFLOW = 40
 READ_ONLY_OPTION = "dscint_read_only"
 LOCK_WAIT_OPTION = "dscint_lock_wait_ms"  # a session's own bound on waiting for the write lock
 SQLITE_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: the lock wait ran out
+SCHEMA_LOCK_KEY = 0x64736369  # PostgreSQL advisory lock held while the schema is made
 
 
 class StudyState(StrEnum):
@@ -219,6 +220,9 @@ class Job(Base):
     # previous attempt failed (redacted, no PHI)
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    # the claim's lease: the claimer's heartbeat renews it while it works; a claim whose
+    # heartbeat is older than [node].claim_lease_seconds goes back to the queue
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
 
 
 class Result(Base):
@@ -262,10 +266,14 @@ class Export(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
     claimed_by: Mapped[str | None] = mapped_column(Text, default=None)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)  # lease
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     last_status: Mapped[int | None] = mapped_column(Integer, default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     acked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    # another object of the result (the result image): its file; None = the result's SR
+    # (sr_sop_uid then holds that object's SOP Instance UID)
+    object_path: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class Purge(Base):
@@ -392,9 +400,22 @@ class Database:
 
     def create_all(self) -> None:
         """Create missing tables, and bring existing ones up to this version's columns,
-        states and indexes (storage.migrate; idempotent)."""
-        Base.metadata.create_all(self.engine)
-        reconcile(self.engine, Base.metadata)
+        states and indexes (storage.migrate; idempotent). On PostgreSQL several nodes may
+        start at once: an advisory lock lets one at a time do it (concurrent CREATE TABLEs
+        of one name collide in PostgreSQL's catalogue)."""
+        if self.dialect != "postgresql":
+            Base.metadata.create_all(self.engine)
+            reconcile(self.engine, Base.metadata)
+            return
+        with self.engine.connect() as lock:
+            lock.execute(text("SELECT pg_advisory_lock(:k)"), {"k": SCHEMA_LOCK_KEY})
+            lock.commit()
+            try:
+                Base.metadata.create_all(self.engine)
+                reconcile(self.engine, Base.metadata)
+            finally:
+                lock.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": SCHEMA_LOCK_KEY})
+                lock.commit()
 
     def dispose(self) -> None:
         """Close pooled connections (at shutdown, or in a child process after fork)."""

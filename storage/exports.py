@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from storage.common import NO_SYNC, owned_by, rowcount, utc_now
 from storage.db import Database, Export, ExportState, Result
@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ClaimedExport:
-    """An SR delivery this exporter now owns; ``attempts`` includes this one."""
+    """A delivery this exporter now owns, of the SR or another object of the result (the
+    result image: ``sr_sop_uid`` and ``sr_path`` are then its own); ``attempts`` includes
+    this one."""
 
     export_id: int
     result_id: int
@@ -43,19 +45,29 @@ def claim_export(db: Database, worker_id: str, now: datetime | None = None
     stmt = (update(Export).where(Export.id == pick,
                                  Export.state == ExportState.PENDING.value)
             .values(state=ExportState.SENDING.value, claimed_by=worker_id, claimed_at=when,
-                    attempts=Export.attempts + 1)
+                    heartbeat_at=when, attempts=Export.attempts + 1)
             .returning(Export.id, Export.result_id, Export.study_uid, Export.sr_sop_uid,
-                       Export.destination, Export.attempts)
+                       Export.destination, Export.attempts, Export.object_path)
             .execution_options(**NO_SYNC))
     with db.session() as s, s.begin():
         row = s.execute(stmt).one_or_none()
         if row is None:
             return None
-        sr_path = s.execute(select(Result.sr_path).where(Result.id == row.result_id)
-                            ).scalar_one()
+        sr_path = row.object_path or s.execute(
+            select(Result.sr_path).where(Result.id == row.result_id)).scalar_one()
     return ClaimedExport(export_id=row.id, result_id=row.result_id, study_uid=row.study_uid,
                          sr_sop_uid=row.sr_sop_uid, sr_path=sr_path,
                          destination=row.destination, attempts=row.attempts)
+
+
+def renew_export_claims(db: Database, prefix: str, now: datetime | None = None) -> int:
+    """Heartbeat: renew the lease of every export ``prefix`` (this process) is sending."""
+    when = utc_now(now)
+    with db.session() as s, s.begin():
+        return rowcount(s.execute(update(Export)
+                                  .where(Export.state == ExportState.SENDING.value,
+                                         owned_by(Export.claimed_by, prefix))
+                                  .values(heartbeat_at=when).execution_options(**NO_SYNC)))
 
 
 def export_succeeded(db: Database, export_id: int, status: int, now: datetime | None = None
@@ -108,16 +120,19 @@ def requeue_dead_exports(db: Database, now: datetime | None = None) -> int:
 
 def release_stale_exports(db: Database, older_than_seconds: float,
                           now: datetime | None = None, prefix: str | None = None) -> int:
-    """``sending`` rows left by a crash go back to pending, due now (attempts are kept)."""
+    """``sending`` rows left by a crash go back to pending, due now (attempts are kept):
+    with a ``prefix``, this process's own; without, any whose lease ran out (no heartbeat
+    for ``older_than_seconds``)."""
     when = utc_now(now)
+    last_sign = func.coalesce(Export.heartbeat_at, Export.claimed_at)  # rows from before leases
     conds = [Export.state == ExportState.SENDING.value,
-             Export.claimed_at <= when - timedelta(seconds=older_than_seconds)]
+             last_sign <= when - timedelta(seconds=older_than_seconds)]
     if prefix is not None:
         conds.append(owned_by(Export.claimed_by, prefix))
     with db.session() as s, s.begin():
         n = rowcount(s.execute(update(Export).where(*conds)
                                .values(state=ExportState.PENDING.value, next_attempt_at=when,
-                                       claimed_by=None, claimed_at=None)
+                                       claimed_by=None, claimed_at=None, heartbeat_at=None)
                                .execution_options(**NO_SYNC)))
     if n:
         log.warning("released %d stale export claim(s)", n)

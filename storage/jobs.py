@@ -6,6 +6,12 @@ state = 'pending' RETURNING`` statements: on SQLite they run inside ``BEGIN IMME
 (``FOR UPDATE`` is not rendered there), on PostgreSQL the row lock plus ``SKIP LOCKED``
 keeps concurrent workers on different rows. Either way a job is claimed exactly once. A job
 put back for a retry carries ``not_before``: it is not claimed before then.
+
+A claim is a lease: ``heartbeat_at`` is stamped at the claim and renewed by the claiming
+process's heartbeat (``renew_claims``) while it works; ``release_stale_claims`` gives a job
+whose heartbeat stopped (its worker died, on any machine) back to the queue. A worker that
+was presumed dead and finishes after all stores nothing new: the SR UID is deterministic per
+study and model (one result row per SR), and a job already done keeps its one result.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class NewResult:
     sr_series_uid: str
     sr_path: str
     note: str | None = None
+    # other objects of the result (the result image): (SOP Instance UID, file), one export each
+    other_objects: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,8 +90,19 @@ def _job_claim_stmt(worker_id: str, kind: str, when: datetime) -> UpdateBase:
             .order_by(Job.id).limit(1).with_for_update(skip_locked=True).scalar_subquery())
     return (update(Job).where(Job.id == pick, Job.state == JobState.PENDING.value)
             .values(state=JobState.CLAIMED.value, claimed_by=worker_id, claimed_at=when,
-                    attempts=Job.attempts + 1)
+                    heartbeat_at=when, attempts=Job.attempts + 1)
             .returning(Job.id, Job.study_uid, Job.attempts).execution_options(**NO_SYNC))
+
+
+def renew_claims(db: Database, prefix: str, now: datetime | None = None) -> int:
+    """Heartbeat: renew the lease of every job claimed by ``prefix`` (this process's workers);
+    returns how many. A claim already released to another worker is not ours any more."""
+    when = utc_now(now)
+    with db.session() as s, s.begin():
+        return rowcount(s.execute(update(Job)
+                                  .where(Job.state == JobState.CLAIMED.value,
+                                         owned_by(Job.claimed_by, prefix))
+                                  .values(heartbeat_at=when).execution_options(**NO_SYNC)))
 
 
 def release_stale_claims(db: Database, older_than_seconds: float,
@@ -91,17 +110,18 @@ def release_stale_claims(db: Database, older_than_seconds: float,
     """Give claims of dead workers back to the queue; returns how many.
 
     With ``older_than_seconds=0`` and this node's ``prefix`` it re-queues everything the
-    node had claimed before a restart; without a prefix it frees any claim older than the
-    threshold (a crashed peer's).
+    node had claimed before a restart; without a prefix it frees any claim whose lease ran
+    out: no heartbeat for ``older_than_seconds`` (a crashed peer's, on any machine).
     """
     cutoff = utc_now(now) - timedelta(seconds=older_than_seconds)
-    conds = [Job.state == JobState.CLAIMED.value, Job.claimed_at <= cutoff]
+    last_sign = func.coalesce(Job.heartbeat_at, Job.claimed_at)  # rows from before leases
+    conds = [Job.state == JobState.CLAIMED.value, last_sign <= cutoff]
     if prefix is not None:
         conds.append(owned_by(Job.claimed_by, prefix))
     with db.session() as s, s.begin():
         studies = s.execute(update(Job).where(*conds)
                             .values(state=JobState.PENDING.value, claimed_by=None,
-                                    claimed_at=None)
+                                    claimed_at=None, heartbeat_at=None)
                             .returning(Job.study_uid).execution_options(**NO_SYNC)
                             ).scalars().all()
         if studies:
@@ -147,7 +167,8 @@ def retry_job(db: Database, job_id: int, error: str, not_before: datetime,
         study_uid = s.execute(update(Job).where(Job.id == job_id,
                                                 Job.state == JobState.CLAIMED.value)
                               .values(state=JobState.PENDING.value, claimed_by=None,
-                                      claimed_at=None, not_before=utc_now(not_before),
+                                      claimed_at=None, heartbeat_at=None,
+                                      not_before=utc_now(not_before),
                                       last_error=error)
                               .returning(Job.study_uid).execution_options(**NO_SYNC)
                               ).scalar_one_or_none()
@@ -229,13 +250,39 @@ def store_result(db: Database, r: NewResult, destination: str, now: datetime | N
 
     def attempt() -> tuple[int, int]:
         with db.session() as s, s.begin():
+            if r.job_id is not None and \
+                    (done := _done_job_result(s, r.job_id, r.sr_sop_uid)) is not None:
+                return done
             result_id = _ensure_result(s, r, when)
             export_id = _ensure_export(s, r, result_id, destination, when)
+            for sop_uid, path in r.other_objects:  # after the SR: it goes first
+                _ensure_export(s, r, result_id, destination, when, sop_uid, path)
             if r.job_id is not None:
                 _close_job(s, r.job_id, True, None, when)
             return result_id, export_id
 
     return retry_on_conflict(attempt, "store_result")
+
+
+def _done_job_result(s: Session, job_id: int, sr_sop_uid: str) -> tuple[int, int] | None:
+    """(result id, export id) when the job is already done with another SR: a worker took it
+    over after this one's lease ran out (with a newer model, so another SR UID) and finished
+    first. The same SR again is the normal idempotent path (None: e.g. another destination).
+    The job row is locked (PostgreSQL) so two finishers of one job run one after the other."""
+    state = s.execute(select(Job.state).where(Job.id == job_id).with_for_update()
+                      ).scalar_one_or_none()
+    if state != JobState.DONE.value:
+        return None
+    row = s.execute(select(Result.id, Export.id, Result.sr_sop_uid)
+                    .join(Export, Export.result_id == Result.id)
+                    .where(Result.job_id == job_id, Export.object_path.is_(None))
+                    .order_by(Result.id, Export.id).limit(1)
+                    ).one_or_none()
+    if row is None or row[2] == sr_sop_uid:
+        return None
+    log.warning("job %d was already finished by another worker (its lease had run out "
+                "here): this result is not stored", job_id)
+    return int(row[0]), int(row[1])
 
 
 def _ensure_result(s: Session, r: NewResult, when: datetime) -> int:
@@ -257,16 +304,18 @@ def _ensure_result(s: Session, r: NewResult, when: datetime) -> int:
 
 
 def _ensure_export(s: Session, r: NewResult, result_id: int, destination: str,
-                   when: datetime) -> int:
-    """The pending export of this SR to this destination, due now, created at most once."""
-    existing = s.execute(select(Export.id).where(Export.sr_sop_uid == r.sr_sop_uid,
+                   when: datetime, sop_uid: str | None = None, path: str | None = None) -> int:
+    """The pending export of this SR (or of another object of the result: `sop_uid`,
+    `path`) to this destination, due now, created at most once."""
+    uid = sop_uid or r.sr_sop_uid
+    existing = s.execute(select(Export.id).where(Export.sr_sop_uid == uid,
                                                  Export.destination == destination)
                          ).scalar_one_or_none()
     if existing is not None:
         return existing
-    row = Export(result_id=result_id, study_uid=r.study_uid, sr_sop_uid=r.sr_sop_uid,
+    row = Export(result_id=result_id, study_uid=r.study_uid, sr_sop_uid=uid,
                  destination=destination, state=ExportState.PENDING.value, attempts=0,
-                 next_attempt_at=when, created_at=when)
+                 next_attempt_at=when, created_at=when, object_path=path)
     s.add(row)
     s.flush()
     return row.id

@@ -7,7 +7,9 @@ NULL, new states), so reconciling is enough, no versioned migration scripts:
 
 - a missing column is added (ALTER TABLE ... ADD COLUMN, with its scalar default so existing
   rows stay valid under NOT NULL);
-- a CHECK constraint whose text changed is replaced: PostgreSQL drops and adds it by name;
+- a CHECK constraint whose meaning changed (another set of allowed values: compared as
+  column and values, since PostgreSQL reflects them in its own words) is replaced:
+  PostgreSQL drops and adds it by name;
   SQLite cannot alter a constraint, so the table is rebuilt the way SQLite documents it
   (new table, copy, drop, rename, indexes again; foreign keys off meanwhile, checked after).
 
@@ -26,6 +28,8 @@ from sqlalchemy.schema import CheckConstraint, CreateTable
 log = logging.getLogger(__name__)
 
 _SPACE = re.compile(r"\s+")
+_LITERAL = re.compile(r"'((?:[^']|'')*)'")
+_LEADING_NAME = re.compile(r'[(\s]*"?([A-Za-z_][A-Za-z0-9_]*)')
 
 
 @dataclass(frozen=True)
@@ -81,17 +85,29 @@ def _plans(engine: Engine, metadata: MetaData) -> list[TablePlan]:
         if not insp.has_table(table.name):
             continue  # create_all makes it whole
         present = {c["name"] for c in insp.get_columns(table.name)}
-        stored = {ck.get("name"): _normal(ck.get("sqltext", ""))
+        stored = {ck.get("name"): _check_key(ck.get("sqltext", ""))
                   for ck in insp.get_check_constraints(table.name)}
         missing = tuple(c for c in table.columns if c.name not in present)
         changed = tuple(ck for ck in _checks(table)
-                        if stored.get(str(ck.name)) != _normal(str(ck.sqltext)))
+                        if stored.get(str(ck.name)) != _check_key(str(ck.sqltext)))
         plans.append(TablePlan(table, missing, changed))
     return plans
 
 
 def _checks(table: Table) -> list[CheckConstraint]:
     return [c for c in table.constraints if isinstance(c, CheckConstraint)]
+
+
+def _check_key(sql: str) -> str | tuple[str, frozenset[str]]:
+    """What a CHECK means, comparable across backends: an allowed-values check is its column
+    and its set of literals (PostgreSQL reflects ``state IN ('a', 'b')`` as
+    ``state::text = ANY (ARRAY['a'::character varying, ...])``, SQLite as written); any
+    other check is its text without whitespace."""
+    literals = _LITERAL.findall(sql)
+    column = _LEADING_NAME.match(sql)
+    if literals and column is not None:
+        return column.group(1), frozenset(literals)
+    return _normal(sql)
 
 
 def _normal(sql: str) -> str:

@@ -5,6 +5,7 @@ Nothing here identifies a patient: study UIDs, states, counts, times and error t
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -49,6 +50,8 @@ class StudySummary:
     completed_at: datetime | None
     # not_applicable: why it is never classified; classified: what was left out (else None)
     applicability_reason: str | None = None
+    # the latest result's per-class probabilities (listed also when it is "indeterminate")
+    probabilities: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,9 +72,11 @@ def study_summaries(db: Database, limit: int | None = None) -> list[StudySummary
     latest_result = (select(Result.study_uid, func.max(Result.id).label("rid"))
                      .group_by(Result.study_uid).subquery())
     latest_export = (select(Export.result_id, func.max(Export.id).label("eid"))
+                     .where(Export.object_path.is_(None))  # the SR's delivery
                      .group_by(Export.result_id).subquery())
     stmt = (select(Study, Result.predicted_class, Result.model_version, Export.state,
-                   Export.attempts, Export.next_attempt_at, Export.last_error, Export.acked_at)
+                   Export.attempts, Export.next_attempt_at, Export.last_error, Export.acked_at,
+                   Result.probabilities)
             .outerjoin(latest_result, latest_result.c.study_uid == Study.study_uid)
             .outerjoin(Result, Result.id == latest_result.c.rid)
             .outerjoin(latest_export, latest_export.c.result_id == Result.id)
@@ -83,7 +88,7 @@ def study_summaries(db: Database, limit: int | None = None) -> list[StudySummary
 
 def _summary(st: Study, predicted: str | None, model: str | None, export_state: str | None,
              attempts: int | None, next_at: datetime | None, error: str | None,
-             acked: datetime | None) -> StudySummary:
+             acked: datetime | None, probabilities: str | None = None) -> StudySummary:
     """One row as plain data, states as enums (the CHECK constraints keep them valid)."""
     views = [v for v, present in ((ANTERIOR, st.has_anterior), (POSTERIOR, st.has_posterior))
              if present]
@@ -96,7 +101,8 @@ def _summary(st: Study, predicted: str | None, model: str | None, export_state: 
         export_state=None if export_state is None else ExportState(export_state),
         export_attempts=attempts, next_attempt_at=next_at, last_error=error,
         last_instance_at=st.last_instance_at, acked_at=acked, first_seen_at=st.first_seen_at,
-        completed_at=st.completed_at, applicability_reason=st.applicability_reason)
+        completed_at=st.completed_at, applicability_reason=st.applicability_reason,
+        probabilities=None if probabilities is None else json.loads(probabilities))
 
 
 def queue_depth(db: Database) -> dict[str, int]:

@@ -12,6 +12,7 @@ import torch
 from model.dscint import Dscint, DscintProbabilities
 from model.export import ModelMetadata, export_torchscript
 from node.demo.pacs_standin import PacsStandIn
+from tests.support.pg import fresh_database
 from tests.support.pki import Pki, make_pki
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,3 +57,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to make test certificates")
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh queue database: an SQLite file in tmp_path, or a new database of its own on
+    the test PostgreSQL server (tests/support/pg.py: skipped without one, failed under
+    DSCINT_REQUIRE_POSTGRES=1)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'db' / 'queue.db'}"
+        return
+    with fresh_database() as url:
+        yield url

@@ -460,9 +460,9 @@ def test_default_receiver_process_stores_spect_projections_and_status_shows_why(
         assert send_paths(write([tomo], tmp_path / "tomo"), Destination("DSCINT", "127.0.0.1",
                                                                          port), CALLER) == [0]
         wait_study(db, uid, "found not applicable", state="not_applicable")
-        out = subprocess.run([sys.executable, "-m", "node", "status", "--config", str(config)],
-                             cwd=REPO, capture_output=True, text=True, timeout=120,
-                             env={**os.environ, "COLUMNS": "400"})
+        out = subprocess.run([sys.executable, "-m", "node", "status", "--wide", "--config",
+                              str(config)], cwd=REPO, capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "COLUMNS": "400"})
         assert out.returncode == 0, out.stderr
         assert "not_applicable" in out.stdout and "NM Image Type TOMO" in out.stdout
         assert "1 study(ies) not applicable" in out.stdout

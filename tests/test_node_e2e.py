@@ -1,4 +1,5 @@
-"""The product path on real associations: modality -> node -> SQLite -> Dscint -> SR -> PACS.
+"""The product path on real associations: modality -> node -> queue (SQLite and PostgreSQL)
+-> Dscint -> SR -> PACS.
 
 The `node` fixture runs the default two-process topology (the receiver in a process of its
 own); tests that start many nodes, or a node per file, receive in threads for speed."""
@@ -16,6 +17,7 @@ from pydicom.data import get_testdata_file
 from pydicom.multival import MultiValue
 from pydicom.uid import generate_uid
 
+from model.calibration import INDETERMINATE, INDETERMINATE_CODE
 from model.classes import CLASS_NAMES, DscintClass
 from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
@@ -31,11 +33,13 @@ from tests.support.wait import wait_for
 
 
 @pytest.fixture
-def node(tmp_path: Path, untrained_model: Path, pacs: PacsStandIn) -> Iterator[Node]:
+def node(tmp_path: Path, untrained_model: Path, pacs: PacsStandIn, database_url: str
+         ) -> Iterator[Node]:
     """The node as deployed: it receives in a process of its own (the default
-    `receiver_process = true`), classifies and exports here."""
+    `receiver_process = true`), classifies and exports here; its queue is SQLite or
+    PostgreSQL (conftest `database_url`: every test using this fixture runs on both)."""
     cfg = node_config(tmp_path / "node", untrained_model, pacs.port,
-                      node={"receiver_process": True})
+                      node={"receiver_process": True}, storage={"database": database_url})
     with Node(cfg) as n:
         assert n.receiver_pid is not None
         yield n
@@ -81,15 +85,18 @@ def test_phantom_study_round_trip(tmp_path: Path, node: Node, pacs: PacsStandIn,
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
     Comprehensive3DSR.from_dataset(sr)  # highdicom parses it back
     predicted, probs = read_result(sr)
-    assert predicted in CLASS_NAMES and set(probs) == set(CLASS_NAMES)
+    assert predicted in (*CLASS_NAMES, INDETERMINATE) and set(probs) == set(CLASS_NAMES)
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-3)
     refs = _referenced_frames(sr)
     if layout is DicomLayout.MULTIFRAME:
         assert {(str(sources[0].SOPInstanceUID), 1), (str(sources[0].SOPInstanceUID), 2)} <= refs
     else:
         assert {str(s.SOPInstanceUID) for s in sources} <= {uid for uid, _ in refs}
-    # the finding code is the predicted class's SNOMED code
-    assert DscintClass.by_name(predicted).value.code_value in sr.to_json()
+    # the finding code is the predicted class's SNOMED code, or "Indeterminate result" (an
+    # untrained model is never sure enough for a class)
+    code = INDETERMINATE_CODE[0] if predicted == INDETERMINATE else \
+        DscintClass.by_name(predicted).value.code_value
+    assert code in sr.to_json()
     summary = {s.study_uid: s for s in study_summaries(node.db)}[study_uid]
     assert summary.state == "classified" and summary.export_state == "done"
     assert summary.completion_reason == "both_views"
@@ -167,9 +174,9 @@ def test_japanese_character_set_study_gets_its_sr(tmp_path: Path, node: Node,
 
 
 def test_two_workers_never_classify_a_study_twice(tmp_path: Path, untrained_model: Path,
-                                                  pacs: PacsStandIn) -> None:
+                                                  pacs: PacsStandIn, database_url: str) -> None:
     cfg = node_config(tmp_path / "node", untrained_model, pacs.port,
-                      node={"worker_threads": 3})
+                      node={"worker_threads": 3}, storage={"database": database_url})
     n_studies = 6
     with Node(cfg) as n:
         uids = []

@@ -491,3 +491,51 @@ def test_srs_still_build_and_read_back_with_highdicom_tables_slimmed() -> None:
         sr, _ = build(layout)
         predicted, probs = read_result(roundtrip(sr))
         assert predicted == "bone_metastasis" and probs == pytest.approx(PROBS)
+
+
+WEAK = {"normal": 0.31, "bone_metastasis": 0.29, "arthritis": 0.22, "thyroid_carcinoma": 0.18}
+
+
+def _indeterminate() -> Classification:
+    return Classification("indeterminate", WEAK, {"anterior": WEAK}, threshold=0.7)
+
+
+def test_indeterminate_finding_keeps_the_four_probabilities() -> None:
+    back = roundtrip(build(result=_indeterminate())[0])
+    report = Comprehensive3DSR.from_dataset(back).content
+    assert isinstance(report, MeasurementReport)
+    (group,) = report.get_image_measurement_groups()
+    assert group.finding_type is not None
+    assert (group.finding_type.value, group.finding_type.scheme_designator,
+            group.finding_type.meaning) == ("280416009", "SCT", "Indeterminate result")
+    assert read_result(back) == ("indeterminate", pytest.approx(WEAK, abs=1e-12))
+    assert any("Indeterminate: the highest calibrated probability 0.31 is below the "
+               "threshold 0.70" in t for t in texts(back))
+
+
+def test_a_definite_finding_states_the_threshold_in_force() -> None:
+    back = roundtrip(build(result=Classification("bone_metastasis", PROBS, {"anterior": PROBS},
+                                                 threshold=0.6))[0])
+    assert any("a finding below 0.60 would be reported as indeterminate" in t
+               for t in texts(back))
+
+
+def test_unknown_finding_in_an_sr_is_refused() -> None:
+    back = roundtrip(build()[0])
+    group = back.ContentSequence[-1].ContentSequence[0]
+    (finding,) = [i for i in group.ContentSequence
+                  if i.ConceptNameCodeSequence[0].CodeValue == "121071"]
+    finding.ConceptCodeSequence[0].CodeValue = "1234567"
+    with pytest.raises(ValueError, match="not a Dscint class or indeterminate"):
+        read_result(back)
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None,
+                    reason="dciodvfy not installed (apt-get install dicom3tools)")
+def test_indeterminate_sr_passes_dciodvfy(tmp_path: Path) -> None:
+    path = tmp_path / "sr-indeterminate.dcm"
+    path.write_bytes(encode_sr(build(result=_indeterminate())[0]))
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    report = out.stdout + out.stderr
+    assert "Comprehensive3DSR" in report
+    assert not [line for line in report.splitlines() if "Error" in line], report

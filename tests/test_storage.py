@@ -1,8 +1,8 @@
 """storage/: durable files, the queue database and its concurrency guarantees.
 
-Real SQLite files in tmp_path, no mocks. Set STORAGE_TEST_DATABASE_URL to a PostgreSQL URL
-to run the same database tests against PostgreSQL (tables are dropped and re-created per
-test; SQLite-only checks are skipped there).
+Real SQLite files in tmp_path, no mocks. Every database test runs twice: on SQLite and on a
+fresh database of the test PostgreSQL server (conftest `database_url`; `make test` starts
+one with .ci/postgres.sh). SQLite-only checks are skipped on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from sqlalchemy.exc import IntegrityError
 
 from storage import intake, jobs
 from storage.db import (
-    Base,
     CompletionReason,
     Database,
     Export,
@@ -41,6 +40,7 @@ from storage.exports import (
     export_failed,
     export_succeeded,
     release_stale_exports,
+    renew_export_claims,
     requeue_dead_exports,
 )
 from storage.filestore import TEMP_SUFFIX, FileStore, validate_uid
@@ -57,7 +57,6 @@ from storage.jobs import NewResult, claim_job, finish_job, release_stale_claims,
 from storage.reports import WorkBacklog, queue_depth, study_summaries, work_backlog
 from storage.retention import purge_candidates, purgeable_studies, record_purge
 
-DB_URL_ENV = "STORAGE_TEST_DATABASE_URL"
 T0 = datetime(2025, 3, 1, 8, 0, 0, tzinfo=UTC)
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES = "1.2.826.0.1.3680043.8.498.2"
@@ -68,16 +67,14 @@ DEST = "PACS@127.0.0.1:11112"
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    """A fresh SQLite file, or the PostgreSQL database named in the environment."""
-    return os.environ.get(DB_URL_ENV) or f"sqlite:///{tmp_path / 'db' / 'queue.db'}"
+def db_url(database_url: str) -> str:
+    """A fresh SQLite file or a fresh PostgreSQL database (both, parametrised)."""
+    return database_url
 
 
 @pytest.fixture
 def db(db_url: str) -> Iterator[Database]:
     database = Database(db_url)
-    if database.dialect != "sqlite":  # shared server database: start from empty tables
-        Base.metadata.drop_all(database.engine)
     database.create_all()
     yield database
     database.dispose()
@@ -512,6 +509,57 @@ def test_release_stale_claims(db: Database) -> None:
     again = claim_job(db, "host:NODE:w1", now=T0)
     assert again is not None and again.job_id == a.job_id and again.attempts == 2
     assert queue_depth(db)["pending_jobs"] == 2
+
+
+def test_heartbeat_renews_a_lease_and_its_absence_frees_the_job(db: Database) -> None:
+    seed_jobs(db, 2)
+    mine = claim_job(db, "hostA:NODE:worker11:w0", now=T0)
+    theirs = claim_job(db, "hostB:NODE:worker12:w0", now=T0)
+    assert mine and theirs
+    beat = T0 + timedelta(seconds=50)
+    assert jobs.renew_claims(db, "hostA:NODE:worker11", now=beat) == 1  # only our own
+    # at T0+70 the silent worker's lease (60 s) ran out, the beating one's has not
+    assert release_stale_claims(db, 60, now=T0 + timedelta(seconds=70)) == 1
+    with db.session() as s:
+        kept, freed = s.get(Job, mine.job_id), s.get(Job, theirs.job_id)
+        assert kept is not None and kept.state == "claimed" and kept.heartbeat_at == beat
+        assert freed is not None and freed.state == "pending" and freed.claimed_by is None
+        assert freed.heartbeat_at is None
+    # the dead worker's heartbeat is no longer anyone's: renewing it claims nothing back
+    assert jobs.renew_claims(db, "hostB:NODE:worker12", now=beat) == 0
+    taken = claim_job(db, "hostC:NODE:worker13:w0", now=T0 + timedelta(seconds=71))
+    assert taken is not None and taken.job_id == theirs.job_id and taken.attempts == 2
+    assert release_stale_claims(db, 60, now=T0 + timedelta(seconds=111)) == 1  # mine, now
+
+
+def test_a_worker_presumed_dead_stores_no_second_result(db: Database) -> None:
+    """The first worker's lease ran out, a second took the study and finished; the first
+    finishes after all, with another SR UID (a newer model): one result, one export."""
+    record_instance(db, rec("1.1", ("anterior", "posterior")), now=T0)
+    assert mark_complete(db, STUDY, "both_views", now=T0)
+    slow = claim_job(db, "w-slow", now=T0)
+    assert slow is not None
+    assert release_stale_claims(db, 60, now=T0 + timedelta(seconds=61)) == 1
+    fast = claim_job(db, "w-fast", now=T0 + timedelta(seconds=61))
+    assert fast is not None and fast.job_id == slow.job_id
+    first = store_result(db, new_result(fast.job_id, "2.25.10"), DEST, now=T0)
+    assert store_result(db, new_result(slow.job_id, "2.25.11"), DEST, now=T0) == first
+    with db.session() as s:
+        assert s.execute(select(func.count()).select_from(Export)).scalar_one() == 1
+        assert s.execute(select(func.count()).select_from(jobs.Result)).scalar_one() == 1
+    assert study_summaries(db)[0].state == "classified"
+
+
+def test_export_lease_renewed_by_its_sender_only(db: Database) -> None:
+    export_id = export_id_ready(db)
+    assert claim_export(db, "hostA:NODE:worker11:x0", now=T0) is not None
+    beat = T0 + timedelta(seconds=50)
+    assert renew_export_claims(db, "hostB:NODE:worker12", now=beat) == 0
+    assert renew_export_claims(db, "hostA:NODE:worker11", now=beat) == 1
+    assert release_stale_exports(db, 60, now=T0 + timedelta(seconds=70)) == 0
+    assert release_stale_exports(db, 60, now=beat + timedelta(seconds=61)) == 1
+    x = claim_export(db, "hostB:NODE:worker12:x0", now=beat + timedelta(seconds=61))
+    assert x is not None and x.export_id == export_id and x.attempts == 2
 
 
 # --- results and exports -------------------------------------------------------------------

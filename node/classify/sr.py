@@ -9,12 +9,15 @@ Layout (IHE AI Results; field notes §3)::
         CONTAINS CONTAINER Measurement Group                           TID 1501
           HAS OBS CONTEXT  Tracking Identifier / Tracking Unique Identifier (deterministic)
           CONTAINS CODE    Finding = predicted class (SCT)             TID 1501 row 3b
+                           or SCT 280416009 "Indeterminate result" (CID 6063) below the
+                           threshold; the four probabilities are listed either way
           HAS CONCEPT MOD  Algorithm Name / Version / Parameters       TID 4019
           CONTAINS NUM     Probability = p [UCUM "1"]   (one per class) TID 300
             HAS CONCEPT MOD CODE  Finding = that class (SCT)           TID 300 row 2
           CONTAINS TEXT    Comment = short warning (fits dsrdump's 30 characters)
           CONTAINS TEXT    Comment = model provenance and full warning TID 1501 row 12
           CONTAINS IMAGE   Source of Measurement (+ frame numbers)     one per source instance
+          CONTAINS IMAGE   Best illustration of finding (DCM 121080) = the result image
 
 How each probability names its class: TID 300 row 2, the generic concept modifier
 (HAS CONCEPT MOD CODE $ModType = $ModValue) of the Probability NUM, with $ModType
@@ -48,6 +51,7 @@ from highdicom.sr import (
     Comprehensive3DSR,
     ContentSequence,
     DeviceObserverIdentifyingAttributes,
+    ImageContentItem,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
@@ -63,6 +67,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DA, DT, TM
 
+from model.calibration import INDETERMINATE, INDETERMINATE_CODE
 from model.classes import CLASS_NAMES, DscintClass
 
 log = logging.getLogger(__name__)
@@ -118,9 +123,10 @@ class ModelInfo:
 class Classification:
     """Study-level result plus the per-view probabilities it was averaged from."""
 
-    predicted_class: str
+    predicted_class: str  # a class name, or INDETERMINATE below `threshold`
     probabilities: Mapping[str, float]
     per_view: Mapping[str, Mapping[str, float]]
+    threshold: float | None = None  # the indeterminate threshold in force, when known
 
 
 @dataclass(frozen=True)
@@ -148,21 +154,29 @@ def _tracking_uid(study_uid: str, model_sha256: str) -> str:
 
 
 def build_sr(source: Sequence[Dataset], frames: Sequence[SourceFrame], result: Classification,
-             model: ModelInfo, device: DeviceInfo, now: datetime | None = None) -> Dataset:
-    """The study's result as a Comprehensive 3D SR; ValueError on inconsistent input."""
+             model: ModelInfo, device: DeviceInfo, now: datetime | None = None,
+             illustration: Dataset | None = None) -> Dataset:
+    """The study's result as a Comprehensive 3D SR; ValueError on inconsistent input.
+    `illustration`: the result image (same study), referenced as DCM 121080 "Best
+    illustration of finding" (CID 7003) and listed in the evidence."""
     _check_inputs(source, frames, result)
-    predicted = DscintClass.by_name(result.predicted_class).value
+    predicted = result.predicted_class
     study_uid = str(source[0].StudyInstanceUID)
     series_uid, sop_uid = sr_uids(study_uid, model.sha256)
     when = (now or datetime.now()).replace(microsecond=0)
     report = MeasurementReport(
         observation_context=_observation_context(device),
         procedure_reported=PROCEDURE_CODE,
-        imaging_measurements=[_measurement_group(frames, result, model, predicted.name,
+        imaging_measurements=[_measurement_group(frames, result, model, predicted,
                                                  _tracking_uid(study_uid, model.sha256))],
     )
+    evidence = _evidence(source)
+    if illustration is not None:
+        report[0].ContentSequence[-1].ContentSequence[0].ContentSequence.append(
+            _illustration(illustration))
+        evidence.append(_identifiers(illustration))
     sr = Comprehensive3DSR(
-        evidence=_evidence(source), content=report, series_instance_uid=series_uid,
+        evidence=evidence, content=report, series_instance_uid=series_uid,
         series_number=SR_SERIES_NUMBER, sop_instance_uid=sop_uid, instance_number=1,
         manufacturer=device.manufacturer, is_complete=True, is_final=False, is_verified=False,
         performed_procedure_codes=[PROCEDURE_CODE], transfer_syntax_uid=ExplicitVRLittleEndian,
@@ -171,7 +185,7 @@ def build_sr(source: Sequence[Dataset], frames: Sequence[SourceFrame], result: C
         content_time=when.time(), series_date=when.date(), series_time=when.time(),
     )
     _finish_header(sr, source[0], device, when)
-    log.debug("built SR %s: %s by %s %s", sop_uid, predicted.name, model.name, model.version)
+    log.debug("built SR %s: %s by %s %s", sop_uid, predicted, model.name, model.version)
     return sr
 
 
@@ -224,8 +238,9 @@ def read_result(ds: Dataset) -> tuple[str, dict[str, float]]:
         raise ValueError("not a Dscint result SR: expected one measurement group with a finding")
     by_code = {m.value.code_value: m.value.name for m in DscintClass}
     finding = groups[0].finding_type
-    if finding.value not in by_code:
-        raise ValueError(f"finding {finding.value} is not a Dscint class")
+    findings = {**by_code, INDETERMINATE_CODE[0]: INDETERMINATE}
+    if finding.value not in findings:
+        raise ValueError(f"finding {finding.value} is not a Dscint class or indeterminate")
     found: dict[str, float] = {}
     for m in groups[0].get_measurements(name=codes.DCM.Probability):
         cls = _modifier_class(m, by_code)
@@ -233,7 +248,7 @@ def read_result(ds: Dataset) -> tuple[str, dict[str, float]]:
             found[cls] = float(m.value)
     if set(found) != set(CLASS_NAMES):
         raise ValueError(f"probabilities for {sorted(found)}, expected {list(CLASS_NAMES)}")
-    return by_code[finding.value], {n: found[n] for n in CLASS_NAMES}
+    return findings[finding.value], {n: found[n] for n in CLASS_NAMES}
 
 
 def _modifier_class(m: Measurement, by_code: Mapping[str, str]) -> str | None:
@@ -248,7 +263,8 @@ def _modifier_class(m: Measurement, by_code: Mapping[str, str]) -> str | None:
 def _check_inputs(source: Sequence[Dataset], frames: Sequence[SourceFrame],
                   result: Classification) -> None:
     """Refuse a result that would make a misleading SR, before anything is built."""
-    DscintClass.by_name(result.predicted_class)  # ValueError naming the valid classes
+    if result.predicted_class != INDETERMINATE:
+        DscintClass.by_name(result.predicted_class)  # ValueError naming the valid classes
     if set(result.probabilities) != set(CLASS_NAMES):
         raise ValueError(f"probabilities for {sorted(result.probabilities)}, "
                          f"expected one per class: {list(CLASS_NAMES)}")
@@ -302,8 +318,20 @@ def _measurement_group(frames: Sequence[SourceFrame], result: Classification, mo
     return group
 
 
+def _illustration(image: Dataset) -> ImageContentItem:
+    """CONTAINS IMAGE: the result image, the finding's best illustration."""
+    return ImageContentItem(
+        name=codes.DCM.BestIllustrationOfFinding,
+        referenced_sop_class_uid=str(image.SOPClassUID),
+        referenced_sop_instance_uid=str(image.SOPInstanceUID),
+        relationship_type=RelationshipTypeValues.CONTAINS)
+
+
 def _class_code(name: str) -> CodedConcept:
-    """A class's SNOMED CT code, from the one table the model also uses."""
+    """A class's SNOMED CT code, from the one table the model also uses; "indeterminate" is
+    SCT 280416009 "Indeterminate result" (DICOM CID 6063)."""
+    if name == INDETERMINATE:
+        return CodedConcept(*INDETERMINATE_CODE)
     c = DscintClass.by_name(name).value
     return CodedConcept(c.code_value, c.scheme, c.code_meaning)
 
@@ -323,7 +351,20 @@ def _provenance_text(model: ModelInfo, result: Classification) -> str:
     views = ", ".join(result.per_view) or "none recorded"
     return (f"Model provenance: {model.name} {model.version}, weights sha256 {model.sha256}, "
             f"trained on {model.training_data}. Views classified: {views}. "
-            f"{note[0].upper()}{note[1:]}.")
+            f"{_calibration_text(result)}{note[0].upper()}{note[1:]}.")
+
+
+def _calibration_text(result: Classification) -> str:
+    """Why the finding is what it is: calibrated probabilities and the threshold in force."""
+    if result.threshold is None:
+        return ""
+    top = max(float(v) for v in result.probabilities.values())
+    if result.predicted_class == INDETERMINATE:
+        return (f"Indeterminate: the highest calibrated probability {top:.2f} is below the "
+                f"threshold {result.threshold:.2f}; the probabilities are listed for "
+                "information only. ")
+    return (f"Calibrated probabilities; a finding below {result.threshold:.2f} would be "
+            "reported as indeterminate. ")
 
 
 def _series_description(model: ModelInfo) -> str:
@@ -371,6 +412,20 @@ def _evidence(source: Sequence[Dataset]) -> list[Dataset]:
     # highdicom warns with the patient's name when it looks odd; never let PHI reach a log.
     first.PatientName = ""
     return evidence
+
+
+def patient_study_copy(source: Dataset) -> Dataset:
+    """The patient and study attributes another result object (the result image) copies, by
+    the same rules as the SR: only those listed, invalid values left empty."""
+    out = Dataset()
+    out.StudyInstanceUID = source.StudyInstanceUID
+    for keyword in _COPIED_KEYWORDS:
+        elem = _copyable(copy.deepcopy(source[keyword])) if keyword in source else None
+        if elem is not None:
+            out[keyword] = elem
+        elif keyword in _REQUIRED_STUDY_KEYWORDS:
+            setattr(out, keyword, None)
+    return out
 
 
 def _copyable(elem: DataElement) -> DataElement | None:

@@ -1,5 +1,6 @@
 """Classification worker: claims complete studies, runs Dscint off the association threads,
-builds the SR and queues its export — result and export row in one transaction.
+builds the result image and the SR and queues their exports — result and export rows in one
+transaction.
 
 A study is decoded and classified instance by instance (its pixels freed before the next), so
 the worker's memory is bounded by one instance, not by the study. A classification that fails
@@ -13,15 +14,19 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
+from model.calibration import decide, effective_threshold
 from model.classifier import Classifier, StudyClassification, StudyPrediction
+from node.classify.result_image import ShownView, build_result_image, encode_image
 from node.classify.sr import (
     PHANTOM_NOTE,
     Classification,
@@ -63,6 +68,16 @@ class WorkerContext:
     on_result: Callable[[], None]
     max_attempts: int = 1  # attempts before a study whose classification keeps failing fails
     retry_delay: Callable[[int], float] = lambda _attempts: 0.0  # seconds after attempt n
+    # observers (metrics, alerts, the web page): (study UID, class, probabilities, seconds),
+    # (study UID, redacted reason), and a retry scheduled; they must not raise
+    on_classified: Callable[[str, str, dict[str, float], float], None] = \
+        lambda _uid, _cls, _p, _s: None
+    on_failed: Callable[[str, str], None] = lambda _uid, _reason: None
+    on_retry: Callable[[], None] = lambda: None
+    indeterminate_below: float = 0.0  # threshold override; 0 = the model's own
+    # the result image (colour SC, own export) beside the SR; off until the service wires
+    # a config switch for it (the demo's PACS stand-in accepts SR storage only)
+    result_image: bool = False
 
 
 def model_info(clf: Classifier) -> ModelInfo:
@@ -72,11 +87,13 @@ def model_info(clf: Classifier) -> ModelInfo:
                      training_data=m.training_data, trained_on_phantoms=m.trained_on_phantoms)
 
 
-def classify_instances(db: Database, study_uid: str, study: StudyClassification
+def classify_instances(db: Database, study_uid: str, study: StudyClassification,
+                       shown: dict[str, np.ndarray] | None = None
                        ) -> tuple[list[Dataset], list[SourceFrame]]:
     """Feed a study's on-time instances to `study` one at a time: each is read, its views
     decoded and predicted, and its pixels dropped before the next is read. Returns the
-    headers (without pixels) and frame references the SR needs."""
+    headers (without pixels) and frame references the SR needs. `shown` keeps the first
+    view of each kind for the result image (at most three views, ~0.5 MiB each)."""
     headers: list[Dataset] = []
     frames: list[SourceFrame] = []
     for inst in study_instances(db, study_uid):
@@ -90,40 +107,77 @@ def classify_instances(db: Database, study_uid: str, study: StudyClassification
         frames += [SourceFrame(str(ds.SOPClassUID), str(ds.SOPInstanceUID), v.frame_number,
                                v.view.value) for v in views]
         study.add([(v.view.value, v.pixels) for v in views])
+        if shown is not None:
+            for v in views:
+                shown.setdefault(v.view.value, v.pixels)
         del views
         headers.append(ds)
     return headers, frames
 
 
 def classify(ctx: WorkerContext, job: ClaimedJob) -> None:
-    """One study: classify, build and store the SR, queue the export, close the job."""
+    """One study: classify, build the result image and the SR that references it, store
+    both, queue their exports (the SR first), close the job."""
+    started = time.monotonic()
     clf = ctx.classifier()
     study = StudyClassification(clf)
-    headers, frames = classify_instances(ctx.db, job.study_uid, study)
+    shown: dict[str, np.ndarray] = {}
+    headers, frames = classify_instances(ctx.db, job.study_uid, study,
+                                         shown if ctx.result_image else None)
     if not study.count:
         raise NoDecodableViews(f"study {job.study_uid} has no decodable views")
     pred = study.result()
     info = model_info(clf)
-    sr = build_sr(headers, frames, _classification(pred), info, ctx.device)
+    result = _classification(pred, effective_threshold(clf.metadata.indeterminate_below,
+                                                       ctx.indeterminate_below))
+    image = build_result_image(headers[0], _shown_views(clf, shown, pred), result, info,
+                               ctx.device) if ctx.result_image else None
+    del shown
+    others: tuple[tuple[str, str], ...] = ()
+    if image is not None:
+        image_path = ctx.files.write_sr(job.study_uid, str(image.SOPInstanceUID),
+                                        encode_image(image))
+        others = ((str(image.SOPInstanceUID), str(image_path)),)
+    sr = build_sr(headers, frames, result, info, ctx.device, illustration=image)
     data = encode_sr(sr)
     sr_path = ctx.files.write_sr(job.study_uid, str(sr.SOPInstanceUID), data)
     store_result(ctx.db, NewResult(
         study_uid=job.study_uid, job_id=job.job_id, model_version=info.version,
-        model_sha256=info.sha256, predicted_class=pred.predicted_class,
+        model_sha256=info.sha256, predicted_class=result.predicted_class,
         probabilities=pred.probabilities,
         per_view={v.label: v.probabilities for v in pred.views},
         sr_sop_uid=str(sr.SOPInstanceUID), sr_series_uid=str(sr.SeriesInstanceUID),
         sr_path=str(sr_path), note=PHANTOM_NOTE if info.trained_on_phantoms else None,
+        other_objects=others,
     ), ctx.destination)
+    ctx.on_classified(job.study_uid, result.predicted_class, dict(pred.probabilities),
+                      time.monotonic() - started)
     probs = ", ".join(f"{k} {v:.3f}" for k, v in pred.probabilities.items())
-    log.info("study %s classified %s (%s) by %s %s%s", job.study_uid, pred.predicted_class, probs,
-             info.name, info.version, f" [{PHANTOM_NOTE}]" if info.trained_on_phantoms else "")
+    log.info("study %s classified %s (%s) by %s %s%s", job.study_uid, result.predicted_class,
+             probs, info.name, info.version,
+             f" [{PHANTOM_NOTE}]" if info.trained_on_phantoms else "")
 
 
-def _classification(pred: StudyPrediction) -> Classification:
-    return Classification(predicted_class=pred.predicted_class,
+_SHOWN_ORDER = {"anterior": ("ANT", 0), "posterior": ("POST", 1), "unknown": ("VIEW", 2)}
+
+
+def _shown_views(clf: Classifier, shown: dict[str, np.ndarray], pred: StudyPrediction
+                 ) -> list[ShownView]:
+    """The views the result image shows (anterior, posterior), each with its Grad-CAM map of
+    the most probable class (for an indeterminate finding too: what the model leaned to)."""
+    kinds = sorted(shown, key=lambda k: _SHOWN_ORDER.get(k, ("VIEW", 3))[1])[:2]
+    top = max(pred.probabilities, key=lambda k: pred.probabilities[k])
+    maps = clf.explain([shown[k] for k in kinds], top)
+    return [ShownView(_SHOWN_ORDER.get(k, ("VIEW", 3))[0], shown[k], m)
+            for k, m in zip(kinds, maps, strict=True)]
+
+
+def _classification(pred: StudyPrediction, threshold: float) -> Classification:
+    """The study's finding: its arg-max class, or indeterminate below the threshold."""
+    return Classification(predicted_class=decide(pred.probabilities, threshold),
                           probabilities=pred.probabilities,
-                          per_view={v.label: v.probabilities for v in pred.views})
+                          per_view={v.label: v.probabilities for v in pred.views},
+                          threshold=threshold)
 
 
 def run_once(ctx: WorkerContext, worker_id: str) -> bool:
@@ -159,9 +213,11 @@ def after_failure(ctx: WorkerContext, job: ClaimedJob, exc: Exception) -> None:
         log.error("classification of study %s failed (%s): %s", job.study_uid, why, reason,
                   exc_info=exc)
         finish_job(ctx.db, job.job_id, ok=False, error=reason)
+        ctx.on_failed(job.study_uid, reason)
         return
     delay = ctx.retry_delay(job.attempts)
     retry_job(ctx.db, job.job_id, reason, datetime.now(UTC) + timedelta(seconds=delay))
+    ctx.on_retry()
     log.warning("classification of study %s failed (attempt %d of %d): %s; retry in %.3g s",
                 job.study_uid, job.attempts, ctx.max_attempts, reason, delay)
 

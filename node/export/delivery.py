@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +34,9 @@ class ExportContext:
     destination: Destination
     calling_ae: str
     policy: ExportSection
+    # observer (metrics, alerts) of each attempt's outcome: "delivered", "retry" or "dead",
+    # with the export and its error (None when delivered); it must not raise
+    on_outcome: Callable[[ClaimedExport, str, str | None], None] = lambda _j, _o, _e: None
 
 
 def deliver(ctx: ExportContext, job: ClaimedExport) -> SendOutcome:
@@ -59,9 +63,11 @@ def _bookkeep(ctx: ExportContext, job: ClaimedExport, outcome: SendOutcome) -> N
         export_succeeded(ctx.db, job.export_id, outcome.status or 0, now=now)
         log.info("SR %s of study %s acknowledged by %s (status 0x%04X)", job.sr_sop_uid,
                  job.study_uid, job.destination, outcome.status or 0)
+        ctx.on_outcome(job, "delivered", None)
         return
     retry_at = next_attempt(ctx.policy, job.attempts, outcome, now)
     export_failed(ctx.db, job.export_id, outcome.error, outcome.status, retry_at, now=now)
+    ctx.on_outcome(job, "dead" if retry_at is None else "retry", outcome.error)
     if retry_at is None:
         log.error("SR %s of study %s dead-lettered after %d attempt(s): %s", job.sr_sop_uid,
                   job.study_uid, job.attempts, outcome.error)

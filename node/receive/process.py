@@ -8,8 +8,10 @@ process never loads torch or the model.
 
 Parent and child talk over pipes, nothing else: the parent writes the validated configuration
 (JSON, one line) to the child's stdin and keeps stdin open; the child answers
-``listening <port>`` once its socket is bound and ``complete <study UID>`` whenever a study
-becomes complete, on stdout. Closing the child's stdin asks it to stop (it finishes the
+``listening <port>`` once its socket is bound, ``complete <study UID>`` whenever a study
+becomes complete and ``stored <status> <seconds> <calling AE>`` for every C-STORE answered
+(the parent counts them for /metrics: one registry in one process, see `StoreTimer`), on
+stdout. Closing the child's stdin asks it to stop (it finishes the
 associations in progress); if the parent dies, the kernel kills the child (PR_SET_PDEATHSIG),
 so no receiver outlives its node and a restarted node can bind the port at once. A receiver
 that exits on its own is restarted on the same port by the parent's supervisor thread.
@@ -26,11 +28,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from pynetdicom import evt
+from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import Config, config_from_dict, config_to_dict, with_overrides
@@ -51,6 +56,57 @@ BIND_RETRY_SECONDS = 5.0  # a killed receiver's socket may take a moment to go
 CHILD_ENTRY = "import sys; from node.receive.process import serve_child; " \
               "sys.exit(serve_child(sys.stdin, sys.stdout))"
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001  # DIMSE command fields
+TIMED_AT_ONCE = 1024  # C-STOREs timed at once; an aborted association's entries age out
+
+# (DIMSE status, calling AE, seconds from the whole request received to the answer sent)
+StoreObserver = Callable[[int, str, float], None]
+
+
+class StoreTimer:
+    """Times every C-STORE from the request received in full to the answer sent, and hands
+    status, calling AE and seconds to `observe`. Bound to pynetdicom's notification events
+    (EVT_DIMSE_RECV/EVT_DIMSE_SENT) beside the handlers, which stay as they are."""
+
+    def __init__(self, observe: StoreObserver) -> None:
+        self._observe = observe
+        self._started: OrderedDict[tuple[int, int], float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def bind(self, server: ThreadedAssociationServer) -> None:
+        """Listen to the server's DIMSE traffic from now on."""
+        server.bind(evt.EVT_DIMSE_RECV, self.received)
+        server.bind(evt.EVT_DIMSE_SENT, self.sent)
+
+    def received(self, event: Event) -> None:
+        """A C-STORE request is in: its clock starts."""
+        cs = event.message.command_set
+        if getattr(cs, "CommandField", None) != C_STORE_RQ:
+            return
+        with self._lock:
+            self._started[(id(event.assoc), int(cs.MessageID))] = time.monotonic()
+            while len(self._started) > TIMED_AT_ONCE:
+                self._started.popitem(last=False)
+
+    def sent(self, event: Event) -> None:
+        """Its answer is out: observed with the status and the calling AE."""
+        cs = event.message.command_set
+        if getattr(cs, "CommandField", None) != C_STORE_RSP:
+            return
+        with self._lock:
+            start = self._started.pop((id(event.assoc), int(cs.MessageIDBeingRespondedTo)), None)
+        if start is not None:
+            self._observe(int(cs.Status), str(event.assoc.requestor.ae_title).strip(),
+                          time.monotonic() - start)
+
+
+def stored_line(status: int, calling_ae: str, seconds: float) -> str:
+    """The child's message for one C-STORE answered; the AE title comes from the network, so
+    anything but printable ASCII (a newline would forge a message) becomes '?'."""
+    ae = "".join(c if c.isascii() and c.isprintable() else "?" for c in calling_ae)
+    return f"stored {status} {seconds:.6f} {ae}\n"
+
+
 class ReceiverStartError(RuntimeError):
     """The receiver process exited before it could listen (bad TLS file, port taken, ...)."""
 
@@ -64,6 +120,7 @@ class ReceiverProcess:
     on_complete: Callable[[], None]
     port: int = 0
     restarts: int = 0
+    on_stored: StoreObserver | None = None  # each C-STORE answered by the child (metrics)
     entry: str = CHILD_ENTRY  # the child's `python -c` program (tests give a misbehaving one)
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _ready: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -147,6 +204,13 @@ class ReceiverProcess:
             self._ready.set()
         elif words and words[0] == "complete":
             self.on_complete()
+        elif len(words) >= 3 and words[0] == "stored" and self.on_stored is not None:
+            try:
+                status, seconds = int(words[1]), float(words[2])
+            except ValueError:
+                log.warning("receiver process sent a malformed 'stored' line: ignored")
+                return
+            self.on_stored(status, " ".join(words[3:]), seconds)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Ask the receiver to stop (it finishes associations in progress), then wait."""
@@ -190,10 +254,17 @@ def _bind(cfg: Config, files: FileStore, db: Database, out: IO[str]
             out.write(f"complete {study_uid}\n")
             out.flush()
 
+    def count_store(status: int, calling_ae: str, seconds: float) -> None:
+        with lock:
+            out.write(stored_line(status, calling_ae, seconds))
+            out.flush()
+
     deadline = time.monotonic() + BIND_RETRY_SECONDS
     while True:
         try:
-            return start_scp(cfg, files, db, tell_parent)
+            server = start_scp(cfg, files, db, tell_parent)
+            StoreTimer(count_store).bind(server)
+            return server
         except OSError as exc:
             if time.monotonic() > deadline:
                 raise

@@ -7,7 +7,10 @@ over HTTP from one stdlib thread, on 127.0.0.1 unless configured otherwise:
 - GET /health: JSON, 200 when "ok", 503 when "degraded" (a monitor's probe fires);
 - GET /live: 200 while the process answers (for a supervisor: a PACS outage is no reason to
   restart the node);
-- GET /metrics: the same numbers as Prometheus text.
+- GET /metrics: the same numbers as Prometheus text (the report's gauges, written here with
+  their historical `dscint_*` names), then the counters and histograms of `Metrics`
+  (prometheus-client, one registry per node; the receiver process's C-STORE counts reach it
+  over its stdout pipe, see node.receive.process).
 
 A client that connects and sends nothing, or half a request, is dropped after a few seconds
 (`REQUEST_TIMEOUT_SECONDS` per read, `REQUEST_DEADLINE_SECONDS` in all), and at most
@@ -20,17 +23,22 @@ Nothing in it identifies a patient: counts, ages, sizes, model identity.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import logging
 import shutil
 import socket
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from node.config import Config
 from storage.db import Database
@@ -46,7 +54,95 @@ REQUEST_TIMEOUT_SECONDS = 5.0  # one read of a request may wait this long
 REQUEST_DEADLINE_SECONDS = 10.0  # a whole connection, however slowly it trickles
 MAX_CONNECTIONS = 8  # served at once; probes are quick, a monitor needs one or two
 
+ACKED_REMEMBERED = 1024  # studies whose acknowledgement latency was observed (no double count)
+MAX_CALLER_LABELS = 64  # distinct calling AE labels; more are counted as "other"
+STORE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+CLASSIFY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+ACK_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 6 * 3600, 86400)
+
 Report = dict[str, Any]
+
+
+class Metrics:
+    """Counters and histograms of one node, in a registry of its own (no global state: two
+    nodes in one test process keep their numbers apart). Observers never raise."""
+
+    def __init__(self, max_callers: int = MAX_CALLER_LABELS) -> None:
+        r = self.registry = CollectorRegistry()
+        self.instances = Counter("dscint_instances", "C-STORE requests answered, by DIMSE "
+                                 "status and calling AE", ["status", "calling_ae"], registry=r)
+        self.studies = Counter("dscint_studies", "studies classified or failed, by outcome and "
+                               "class", ["outcome", "predicted_class"], registry=r)
+        self.objects = Counter("dscint_objects", "export attempts of result objects (SR, "
+                               "result image) by outcome: delivered, failed (retried later) or "
+                               "dead (dead-lettered)", ["outcome"], registry=r)
+        self.retries = Counter("dscint_retries", "retries scheduled, by stage", ["stage"],
+                               registry=r)
+        self.store_seconds = Histogram("dscint_cstore_seconds", "C-STORE handling: request "
+                                       "received to answer sent", buckets=STORE_BUCKETS,
+                                       registry=r)
+        self.classify_seconds = Histogram("dscint_classify_seconds", "one study's "
+                                          "classification, SR included",
+                                          buckets=CLASSIFY_BUCKETS, registry=r)
+        self.ack_seconds = Histogram("dscint_last_instance_to_ack_seconds", "a study's last "
+                                     "instance written to PACS acknowledging its first result "
+                                     "object (the SR)", buckets=ACK_BUCKETS, registry=r)
+        self._acked: OrderedDict[str, None] = OrderedDict()  # studies already timed
+        self._callers: set[str] = set()
+        self._max_callers = max_callers
+        self._lock = threading.Lock()
+
+    def _caller_label(self, calling_ae: str) -> str:
+        """The AE title, or "other" once `max_callers` distinct ones were seen (a caller
+        choosing titles must not grow the registry without bound)."""
+        ae = "".join(c if c.isascii() and c.isprintable() else "?" for c in calling_ae)
+        with self._lock:
+            if ae in self._callers:
+                return ae
+            if len(self._callers) < self._max_callers:
+                self._callers.add(ae)
+                return ae
+        return "other"
+
+    def observe_store(self, status: int, calling_ae: str, seconds: float) -> None:
+        """One C-STORE answered."""
+        self.instances.labels(f"0x{status:04X}", self._caller_label(calling_ae)).inc()
+        self.store_seconds.observe(max(seconds, 0.0))
+
+    def observe_classified(self, predicted_class: str, seconds: float) -> None:
+        """One study classified."""
+        self.studies.labels("classified", predicted_class).inc()
+        self.classify_seconds.observe(max(seconds, 0.0))
+
+    def observe_failed(self) -> None:
+        """One study failed classification."""
+        self.studies.labels("failed", "").inc()
+
+    def observe_retry(self, stage: str) -> None:
+        """A retry scheduled: "classify" or "export"."""
+        self.retries.labels(stage).inc()
+
+    def observe_export(self, outcome: str, study_uid: str = "",
+                       ack_seconds: float | None = None) -> None:
+        """One export attempt: "delivered" (with the latency when known), "retry", "dead".
+        The latency is observed once per study: its first object acknowledged (the SR goes
+        first; a result image after it would count the same study twice)."""
+        self.objects.labels("failed" if outcome == "retry" else outcome).inc()
+        if outcome == "retry":
+            self.observe_retry("export")
+        if ack_seconds is None or ack_seconds < 0:
+            return
+        with self._lock:
+            if study_uid in self._acked:
+                return
+            self._acked[study_uid] = None
+            while len(self._acked) > ACKED_REMEMBERED:
+                self._acked.popitem(last=False)
+        self.ack_seconds.observe(ack_seconds)
+
+    def text(self) -> str:
+        """The registry in Prometheus text format."""
+        return generate_latest(self.registry).decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -190,6 +286,26 @@ def summary_line(report: Report) -> str:
     return text + "".join(f"\n  - {p}" for p in report["problems"])
 
 
+@dataclass(frozen=True)
+class Extras:
+    """What the endpoint serves beside /health and /live: the counters after the gauges on
+    /metrics, the web page at / (built from the report), and the token / requires."""
+
+    metrics: Metrics | None = None
+    page: Callable[[Report], str] | None = None
+    token: str = ""
+
+
+def token_ok(token: str, query: str, authorization: str | None) -> bool:
+    """True when no token is configured, or `?token=` or a Bearer header carries it."""
+    if not token:
+        return True
+    given = parse_qs(query).get("token", [""])[0]
+    if authorization and authorization.startswith("Bearer "):
+        given = given or authorization[len("Bearer "):].strip()
+    return bool(given) and hmac.compare_digest(given.encode(), token.encode())
+
+
 class _HealthHTTPServer(ThreadingHTTPServer):
     """Carries the report function and the timeouts to the handler; one thread per connection,
     at most `max_connections` at once (one more is closed unanswered: a probe retries)."""
@@ -198,8 +314,10 @@ class _HealthHTTPServer(ThreadingHTTPServer):
     block_on_close = False
 
     def __init__(self, address: tuple[str, int], report: Callable[[], Report],
-                 timeout: float, deadline: float, max_connections: int) -> None:
+                 timeout: float, deadline: float, max_connections: int,
+                 extras: Extras) -> None:
         self.report = report
+        self.extras = extras
         self.request_timeout, self.deadline = timeout, deadline
         self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, _Handler)
@@ -268,9 +386,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         """Answer one probe; a failing report is itself 'degraded' (503), never a crash."""
         self._stop_deadline()  # the request is in: a slow report (busy database) is answered
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
+        extras = self.server.extras
         if path == "/live":
             self._send(200, "application/json", json.dumps({"status": "alive"}))
+            return
+        if path == "/" and extras.page is not None:
+            self._page(extras, query)
             return
         if path not in ("/health", "/metrics"):
             self._send(404, "application/json", json.dumps({"error": "not found"}))
@@ -282,17 +404,42 @@ class _Handler(BaseHTTPRequestHandler):
             report = {"status": "degraded", "problems": [f"health check failed: "
                                                          f"{type(exc).__name__}"]}
         if path == "/metrics":
-            self._send(200, "text/plain; version=0.0.4", metrics_text(report))
+            counters = extras.metrics.text() if extras.metrics is not None else ""
+            self._send(200, "text/plain; version=0.0.4", metrics_text(report) + counters)
         else:
             self._send(200 if report.get("status") == "ok" else 503, "application/json",
                        json.dumps(report))
 
-    def _send(self, code: int, content_type: str, body: str) -> None:
+    def _page(self, extras: Extras, query: str) -> None:
+        """The dashboard; 401 without the configured token; a failure is a 500 page."""
+        assert extras.page is not None
+        if not token_ok(extras.token, query, self.headers.get("Authorization")):
+            log.warning("dashboard request from %s without a valid token: 401",
+                        self.client_address[0])
+            self._send(401, "text/plain; charset=utf-8", "token required\n",
+                       {"WWW-Authenticate": "Bearer"})
+            return
+        try:
+            body = extras.page(self.server.report())
+        except Exception as exc:  # database unavailable, say: a page that says so
+            log.exception("dashboard failed")
+            self._send(500, "text/plain; charset=utf-8",
+                       f"dashboard failed: {type(exc).__name__}\n")
+            return
+        self._send(200, "text/html; charset=utf-8", body, {
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                                       "img-src data:; base-uri 'none'; form-action 'none'",
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
+
+    def _send(self, code: int, content_type: str, body: str,
+              headers: dict[str, str] | None = None) -> None:
         data = body.encode("utf-8")
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -307,10 +454,11 @@ class HealthServer:
     def __init__(self, bind_address: str, port: int, report: Callable[[], Report],
                  timeout: float = REQUEST_TIMEOUT_SECONDS,
                  deadline: float = REQUEST_DEADLINE_SECONDS,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int = MAX_CONNECTIONS, extras: Extras | None = None
+                 ) -> None:
         """Bind now (an occupied port fails start-up, as the SCP's would)."""
         self._server = _HealthHTTPServer((bind_address, port), report, timeout, deadline,
-                                         max_connections)
+                                         max_connections, extras or Extras())
         self.port = int(self._server.server_address[1])
         self._thread: threading.Thread | None = None
 

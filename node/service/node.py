@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import partial
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -21,20 +25,42 @@ from node.export import delivery as exporter
 from node.export.policy import backoff_delay
 from node.export.scu import Destination
 from node.logs import keep_phi_out_of_logs
-from node.receive.process import ReceiverProcess
+from node.receive.process import ReceiverProcess, StoreTimer
 from node.receive.server import open_file_store, start_scp
 from node.service import health, housekeeping
+from node.service.alerts import Alerter
 from node.service.models import ModelHolder
+from node.service.web import PageSource
 from storage.db import CompletionReason, Database
-from storage.exports import release_stale_exports
+from storage.exports import ClaimedExport, release_stale_exports, renew_export_claims
 from storage.filestore import FileStore
 from storage.intake import mark_complete, studies_due_quiet
-from storage.jobs import release_stale_claims
+from storage.jobs import release_stale_claims, renew_claims
 
 log = logging.getLogger(__name__)
 
 SOFTWARE_VERSION = "0.1.0"
-STALE_CLAIM_SECONDS = 600.0
+
+
+class Role(StrEnum):
+    """What one node process runs. ``serve``: everything (one machine). ``receive``: the SCP
+    and quiet-completion only, no model. ``worker``: classification, SR export,
+    housekeeping, no SCP. Receivers and workers on several machines share the queue
+    (PostgreSQL) and the file store ([storage].root, a mounted path)."""
+
+    SERVE = "serve"
+    RECEIVE = "receive"
+    WORKER = "worker"
+
+    @property
+    def receives(self) -> bool:
+        """Runs the SCP."""
+        return self is not Role.WORKER
+
+    @property
+    def classifies(self) -> bool:
+        """Loads the model and runs workers and the exporter."""
+        return self is not Role.RECEIVE
 
 
 def device_info(cfg: Config) -> DeviceInfo:
@@ -52,9 +78,10 @@ class Node:
 
     cfg: Config
     model_check_seconds: float = 5.0  # how often the registry's serving version is checked
+    role: Role = Role.SERVE
     db: Database = field(init=False)
     files: FileStore = field(init=False)
-    models: ModelHolder = field(init=False)
+    models: ModelHolder | None = field(init=False, default=None)
     port: int = field(init=False, default=0)
     _server: ThreadedAssociationServer | None = field(init=False, default=None)
     _receiver: ReceiverProcess | None = field(init=False, default=None)
@@ -64,6 +91,8 @@ class Node:
     _export: threading.Event = field(init=False, default_factory=threading.Event)
     _scheduler: BackgroundScheduler | None = field(init=False, default=None)
     _health: health.HealthServer | None = field(init=False, default=None)
+    metrics: health.Metrics = field(init=False, default_factory=health.Metrics)
+    alerts: Alerter = field(init=False)
 
     def __post_init__(self) -> None:
         """Open storage and load the model; a broken model (or TLS file) stops start-up here.
@@ -71,39 +100,65 @@ class Node:
         tls.server_context(self.cfg)  # a missing or bad PEM file raises ConfigError here
         tls.client_context(self.cfg)
         self.files = open_file_store(self.cfg)
+        self.alerts = Alerter(self.cfg.alerts, self.cfg.node.ae_title)
         self.db = Database(self.cfg.database_url)
         self.db.create_all()
+        if not self.role.classifies:
+            return  # a receiver never loads the model
         try:
             self.models = ModelHolder(self.db, self.cfg.model_path)
         except BaseException:
             self.db.dispose()
             raise
 
+    def _holder(self) -> ModelHolder:
+        if self.models is None:
+            raise RuntimeError("a receive-only node has no model")
+        return self.models
+
     @property
     def classifier(self) -> Classifier:
         """The model serving now."""
-        return self.models.current()
+        return self._holder().current()
 
     @property
     def model_version(self) -> str | None:
         """The registry version serving now; None for [model].path."""
-        return self.models.version
+        return self._holder().version
 
     def current_classifier(self) -> Classifier:
         """The model to use for the next study; a job keeps the one it started with."""
-        return self.models.current()
+        return self._holder().current()
 
     def refresh_model(self) -> bool:
         """Follow a promotion or rollback without restart (see ModelHolder.refresh)."""
-        return self.models.refresh()
+        return self._holder().refresh()
 
     @property
     def worker_prefix(self) -> str:
-        """Claims are tagged with host and AE so a restart can release its own."""
-        return f"{socket.gethostname()}:{self.cfg.node.ae_title}"
+        """Claims are tagged with host and AE so a restart can release its own. A worker
+        role process adds its process id: several on one host must not release each other's
+        claims at start-up (a dead one's go back when its lease runs out)."""
+        base = f"{socket.gethostname()}:{self.cfg.node.ae_title}"
+        return base if self.role is Role.SERVE else f"{base}:{self.role.value}{os.getpid()}"
+
+    def heartbeat(self) -> int:
+        """Renew the leases of the studies and exports this process works on; how many.
+        Never raises (the scheduler must keep running): a missed beat is logged, and the
+        lease (three beats long) survives it."""
+        try:
+            return renew_claims(self.db, self.worker_prefix) + \
+                renew_export_claims(self.db, self.worker_prefix)
+        except Exception:
+            log.exception("claim heartbeat failed")
+            return 0
 
     def recover(self) -> None:
-        """Resume after a crash: drop temp files, re-queue work this node had claimed."""
+        """Resume after a crash: drop temp files, re-queue work this node had claimed. Only
+        a ``serve`` node owns the whole file store's temp files and its claims' prefix;
+        role processes share them with peers, whose dead claims their leases free."""
+        if self.role is not Role.SERVE:
+            return
         removed = self.files.sweep_temp()
         jobs = release_stale_claims(self.db, 0.0, prefix=self.worker_prefix)
         exports = release_stale_exports(self.db, 0.0, prefix=self.worker_prefix)
@@ -116,16 +171,26 @@ class Node:
         keep_phi_out_of_logs()
         self.recover()
         try:
-            self._start_threads()
+            self.alerts.start()
+            if self.role.classifies:
+                self._start_threads()
             self._start_scheduler()
-            self._start_scp()
+            if self.role.receives:
+                self._start_scp()
             self._start_health()
         except BaseException:  # e.g. the port is taken: nothing of ours keeps running
             self.stop()
             raise
-        log.info("node %s listening on %s:%d, model %s %s", self.cfg.node.ae_title,
-                 self.cfg.node.bind_address, self.port, self.classifier.metadata.name,
-                 self.classifier.metadata.version)
+        if not self.role.classifies:
+            log.info("node %s (receive) listening on %s:%d", self.cfg.node.ae_title,
+                     self.cfg.node.bind_address, self.port)
+        elif not self.role.receives:
+            log.info("node %s (worker) classifying with model %s %s", self.cfg.node.ae_title,
+                     self.classifier.metadata.name, self.classifier.metadata.version)
+        else:
+            log.info("node %s listening on %s:%d, model %s %s", self.cfg.node.ae_title,
+                     self.cfg.node.bind_address, self.port, self.classifier.metadata.name,
+                     self.classifier.metadata.version)
         return self
 
     def _start_threads(self) -> None:
@@ -135,7 +200,10 @@ class Node:
             device=device_info(self.cfg), destination=self.cfg.pacs_destination,
             on_result=self._export.set, max_attempts=n.classify_max_attempts,
             retry_delay=partial(backoff_delay, base_seconds=n.classify_backoff_seconds,
-                                cap_seconds=n.classify_backoff_cap_seconds))
+                                cap_seconds=n.classify_backoff_cap_seconds),
+            on_classified=self._on_classified, on_failed=self._on_failed,
+            on_retry=partial(self.metrics.observe_retry, "classify"),
+            indeterminate_below=self.cfg.model.indeterminate_below)
         for i in range(self.cfg.node.worker_threads):
             self._spawn(f"worker-{i}", partial(worker.run_forever, wctx,
                                                f"{self.worker_prefix}:w{i}", self._work,
@@ -143,9 +211,46 @@ class Node:
         p = self.cfg.pacs
         dest = Destination(p.ae_title, p.host, p.port, tls=tls.client_context(self.cfg),
                            tls_server_name=tls.pacs_server_name(self.cfg))
-        ectx = exporter.ExportContext(self.db, dest, self.cfg.node.ae_title, self.cfg.export)
+        ectx = exporter.ExportContext(self.db, dest, self.cfg.node.ae_title, self.cfg.export,
+                                      on_outcome=self._on_export)
         self._spawn("exporter", partial(exporter.run_forever, ectx, f"{self.worker_prefix}:x0",
                                         self._export, self._stop))
+
+    def _on_classified(self, study_uid: str, predicted_class: str,
+                       probabilities: Mapping[str, float], seconds: float) -> None:
+        """A study classified: counted, maybe alerted."""
+        self.metrics.observe_classified(predicted_class, seconds)
+        self.alerts.classified(study_uid, predicted_class, probabilities)
+
+    def _on_failed(self, study_uid: str, reason: str) -> None:
+        """A study failed classification: counted and alerted."""
+        self.metrics.observe_failed()
+        self.alerts.failed_study(study_uid, reason)
+
+    def _on_export(self, job: ClaimedExport, outcome: str, error: str | None) -> None:
+        """An export attempt's outcome: counted (with the latency when acknowledged); a dead
+        letter alerted."""
+        ack = self._since_last_instance(job.study_uid) if outcome == "delivered" else None
+        self.metrics.observe_export(outcome, job.study_uid, ack)
+        if outcome == "dead":
+            self.alerts.dead_letter(job.study_uid, job.sr_sop_uid, job.attempts, error)
+
+    def _since_last_instance(self, study_uid: str) -> float | None:
+        """Seconds since the study's newest instance file was written (its arrival); None
+        when no file is left to tell."""
+        try:
+            newest = max((p.stat().st_mtime for p in (self.files.studies / study_uid)
+                          .rglob("*.dcm")), default=None)
+        except OSError:  # retention removed it meanwhile
+            return None
+        return None if newest is None else max(time.time() - newest, 0.0)
+
+    def check_health(self) -> None:
+        """The periodic check behind the "degraded" alert."""
+        try:
+            self.alerts.health(self.health())
+        except Exception:  # the scheduler must keep running
+            log.exception("health check for alerts failed")
 
     def _spawn(self, name: str, target: partial[None]) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -156,12 +261,20 @@ class Node:
         sched = BackgroundScheduler(timezone="UTC")
         sched.add_job(self.sweep, "interval", seconds=self.cfg.completion.sweep_seconds,
                       id="completion-sweep", max_instances=1, coalesce=True)
-        sched.add_job(self.refresh_model, "interval", seconds=self.model_check_seconds,
-                      id="model-watch", max_instances=1, coalesce=True)
-        sched.add_job(partial(housekeeping.run_housekeeping, self.db, self.files,
-                              self.cfg.storage), "interval",
-                      seconds=self.cfg.storage.housekeeping_seconds, id="housekeeping",
-                      max_instances=1, coalesce=True)
+        if self.role.classifies:
+            sched.add_job(self.heartbeat, "interval",
+                          seconds=self.cfg.node.claim_lease_seconds / 3, id="claim-heartbeat",
+                          max_instances=1, coalesce=True)
+            sched.add_job(self.refresh_model, "interval", seconds=self.model_check_seconds,
+                          id="model-watch", max_instances=1, coalesce=True)
+            sched.add_job(partial(housekeeping.run_housekeeping, self.db, self.files,
+                                  self.cfg.storage), "interval",
+                          seconds=self.cfg.storage.housekeeping_seconds, id="housekeeping",
+                          max_instances=1, coalesce=True)
+        if self.alerts.wants("degraded"):
+            sched.add_job(self.check_health, "interval",
+                          seconds=self.cfg.alerts.health_check_seconds, id="health-alerts",
+                          max_instances=1, coalesce=True)
         sched.start()
         self._scheduler = sched
 
@@ -174,8 +287,10 @@ class Node:
                     log.info("study %s complete after %.0f s without new instances (not both "
                              "views seen)", uid, self.cfg.completion.quiet_seconds)
                     n += 1
-            release_stale_claims(self.db, STALE_CLAIM_SECONDS)
-            release_stale_exports(self.db, STALE_CLAIM_SECONDS)
+            lease = self.cfg.node.claim_lease_seconds
+            if release_stale_claims(self.db, lease):
+                self._work.set()
+            release_stale_exports(self.db, lease)
         except Exception:  # the scheduler must keep running
             log.exception("completion sweep failed")
         if n:
@@ -185,11 +300,13 @@ class Node:
     def _start_scp(self) -> None:
         """The receiver: a process of its own ([node].receiver_process) or threads here."""
         if self.cfg.node.receiver_process:
-            self._receiver = ReceiverProcess(self.cfg, on_complete=self._work.set).start()
+            self._receiver = ReceiverProcess(self.cfg, on_complete=self._work.set,
+                                             on_stored=self.metrics.observe_store).start()
             self.port = self._receiver.port
             return
         self._server = start_scp(self.cfg, self.files, self.db,
                                  on_complete=lambda _uid: self._work.set())
+        StoreTimer(self.metrics.observe_store).bind(self._server)
         self.port = int(self._server.server_address[1])
 
     @property
@@ -200,16 +317,22 @@ class Node:
     def _start_health(self) -> None:
         """The HTTP health endpoint, when [health].port is set."""
         if self.cfg.health.port:
-            self._health = health.HealthServer(self.cfg.health.bind_address,
-                                               self.cfg.health.port, self.health).start()
+            h = self.cfg.health
+            page = PageSource(self.db, h.page_refresh_seconds)
+            extras = health.Extras(metrics=self.metrics, page=page.render, token=h.token)
+            self._health = health.HealthServer(h.bind_address, h.port, self.health,
+                                               extras=extras).start()
             log.info("health endpoint on http://%s:%d/health", self.cfg.health.bind_address,
                      self._health.port)
 
     def health(self) -> health.Report:
         """Queue depth, dead letters, disk headroom and the model served (GET /health)."""
-        m = self.current_classifier().metadata
-        report = health.health_report(self.db, self.cfg,
-                                      health.ModelSummary(m.name, m.version, m.weights_sha256))
+        if self.models is None:  # a receiver: no model to report, none expected
+            report = health.health_report(self.db, self.cfg, None, model_expected=False)
+        else:
+            m = self.current_classifier().metadata
+            report = health.health_report(
+                self.db, self.cfg, health.ModelSummary(m.name, m.version, m.weights_sha256))
         if self._receiver is not None:
             health.add_receiver(report, self._receiver.alive(), self._receiver.restarts)
         return report
@@ -234,6 +357,7 @@ class Node:
         for t in self._threads:
             t.join(timeout=30)
         self._threads.clear()
+        self.alerts.stop()
         self.db.dispose()
 
     def __enter__(self) -> Node:
