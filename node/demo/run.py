@@ -17,6 +17,7 @@ from pydicom import dcmread
 from rich.console import Console
 from rich.table import Table
 
+from model.calibration import INDETERMINATE
 from model.classes import CLASS_NAMES
 from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
@@ -100,7 +101,7 @@ def _table(sent: list[SentStudy]) -> Table:
                 "s to SR"):
         t.add_column(col, no_wrap=True)
     for s in sent:
-        ok = "" if s.predicted == s.label else " ✗"
+        ok = "" if s.predicted in (s.label, INDETERMINATE) else " ✗"
         t.add_row("…" + s.study_uid[-12:], s.layout, s.label, s.predicted + ok, s.probabilities,
                   f"{s.latency:.2f}" if s.latency is not None else "no SR")
     return t
@@ -136,8 +137,10 @@ def run_demo(cfg: Config | None = None, n_per_class: int = 2, workdir: Path | No
     console.print(_table(sent))
     latencies = [s.latency for s in sent if s.latency is not None]
     correct = sum(s.predicted == s.label for s in sent)
+    unsure = sum(s.predicted == INDETERMINATE for s in sent)
     if latencies:
         console.print(f"median seconds from last instance to SR acknowledged: "
-                      f"{statistics.median(latencies):.2f}; correct {correct}/{len(sent)}")
+                      f"{statistics.median(latencies):.2f}; correct {correct}, wrong "
+                      f"{len(sent) - correct - unsure}, indeterminate {unsure} (of {len(sent)})")
     console.print(DISCLAIMER)
     return 0 if len(latencies) == len(sent) else 1
