@@ -146,14 +146,19 @@ class NodeProc:
         if self.proc is None:
             return None
         self.sample_rss()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc)
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> int:
+    """SIGTERM, wait for a graceful exit (SIGKILL after `timeout`); the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def export_model(path: Path) -> Path:

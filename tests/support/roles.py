@@ -16,7 +16,7 @@ from model.classes import CLASS_NAMES
 from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
 from tests.support.net import NODE_AE, echo_ok, free_port
-from tests.support.nodeproc import REPO, START_TIMEOUT, write_config
+from tests.support.nodeproc import REPO, START_TIMEOUT, terminate, write_config
 from tests.support.wait import wait_for
 
 WORKER_READY = "(worker) classifying with model"
@@ -100,14 +100,7 @@ class RoleProc:
         """SIGTERM and wait (graceful); the exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc)
 
 
 def phantom_studies(out: Path, n: int, seed: int = 500) -> list[tuple[str, list[Path]]]:
