@@ -1,11 +1,14 @@
 """Inference benchmark: Dscint eager, plain TorchScript and the module the node serves
-(`model.classifier.Classifier`: frozen, oneDNN), at batch 1 and 8, against the compute floor.
+(`model.classifier.Classifier`: frozen, oneDNN) in fp32 and with FC1 in int8 (`model.precision`),
+at batch 1 and 8, against the compute floor.
 
 The floor is FLOPs per image divided by a matmul rate measured in the same run on the same
 machine (these machines vary 1.6x within an hour, so only same-run ratios mean anything); the
 variants are timed in blocks taken in turn, so a noisy neighbour slows them all alike. FC1 (the
 19032 x 1024 linear layer, 94.8% of the weights) is also timed alone: at batch 8 it streams
-78 MB of weights per call and is a large share of the total.
+78 MB of weights per call and is a large share of the total; it is timed in fp32, with bf16
+weights (AVX512-BF16 on this CPU) and int8 (dynamic quantisation), the measurement that chose
+int8 for serving.
 On a busy machine wall-clock times with 2 threads swing 10x (a descheduled OpenMP thread
 stalls the other at every barrier): `--threads 1 --clock cpu` times the process's CPU seconds
 instead, floor included, which a neighbour barely moves.
@@ -27,6 +30,7 @@ import torch
 from model.classifier import Classifier
 from model.dscint import Dscint, DscintProbabilities
 from model.export import ModelMetadata, export_torchscript, load_torchscript
+from model.precision import FP32, INT8, VERIFY_STUDIES, int8_module
 
 BATCHES = (1, 8)
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -78,6 +82,31 @@ def fc1_only(net: Dscint) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
+def fc1_bf16(net: Dscint) -> Callable[[torch.Tensor], torch.Tensor]:
+    """FC1 with bf16 weights (half the bytes to stream): bf16 in, fp32 out."""
+    fc1 = net.classifier[1]
+    assert isinstance(fc1, torch.nn.Linear)
+    weight, bias = fc1.weight.detach().bfloat16(), fc1.bias.detach().bfloat16()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], -1)[:, :fc1.in_features].bfloat16()
+        return torch.nn.functional.linear(flat, weight, bias).float()
+
+    return run
+
+
+def fc1_int8(scripted: torch.jit.ScriptModule) -> Callable[[torch.Tensor], torch.Tensor]:
+    """FC1 as the node serves it in int8 (per-channel weights, dynamic activations)."""
+    module, _ = int8_module(scripted)
+    fc1 = list(module.net.classifier.children())[1]  # type: ignore[union-attr]
+    width = int(fc1.in_features)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return fc1(x.reshape(x.shape[0], -1)[:, :width])  # type: ignore[no-any-return]
+
+    return run
+
+
 def time_interleaved(variants: dict[str, Callable[[torch.Tensor], torch.Tensor]],
                      seconds: float, clock: Callable[[], float] = time.perf_counter,
                      rounds: int = 6) -> dict[tuple[str, int], float]:
@@ -117,47 +146,60 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="per variant and batch")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="cpu: process CPU time, for a busy machine (with --threads 1)")
+    ap.add_argument("--verify-studies", type=int, default=VERIFY_STUDIES,
+                    help="held-out phantom studies of the int8 check (export and load)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     net = Dscint()
     eager = DscintProbabilities(net).eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = export_torchscript(eager, Path(tmp) / "m.pt", ModelMetadata(
-            version="bench", weights_sha256="", training_data="random", trained_on_phantoms=True))
+            version="bench", weights_sha256="", training_data="random", trained_on_phantoms=True),
+            precision="auto", verify_studies=args.verify_studies)
         scripted, _ = load_torchscript(path)
-        served = Classifier(path)
+        served = Classifier(path, precision=FP32)
+        served8 = Classifier(path, precision=INT8, verify_studies=args.verify_studies)
     variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "eager": eager, "torchscript": scripted, "served": served.module,
-        "fc1 only": fc1_only(net)}
+        "served int8": served8.module, "fc1 only": fc1_only(net), "fc1 bf16": fc1_bf16(net),
+        "fc1 int8": fc1_int8(scripted)}
     clock = CLOCKS[args.clock]
     rate = matmul_gflops(clock=clock)
     flops = dscint_flops()
     floor_ms = flops / (rate * 1e9) * 1000
     ms = time_interleaved(variants, args.seconds, clock)
-    models = ("eager", "torchscript", "served")
+    models = ("eager", "torchscript", "served", "served int8")
     rows = [{"model": name, "batch": batch, "ms_per_image": round(ms[(name, batch)], 2),
              "floor_fraction": round(floor_ms / ms[(name, batch)], 3),
              "speedup_vs_torchscript": round(ms[("torchscript", batch)] / ms[(name, batch)], 2)}
             for name in models for batch in BATCHES]
     fc1 = {batch: {"ms_per_image": round(ms[("fc1 only", batch)], 2),
-                   "share_of_served": round(ms[("fc1 only", batch)] / ms[("served", batch)], 3)}
+                   "share_of_served": round(ms[("fc1 only", batch)] / ms[("served", batch)], 3),
+                   "bf16_ms_per_image": round(ms[("fc1 bf16", batch)], 2),
+                   "int8_ms_per_image": round(ms[("fc1 int8", batch)], 2)}
            for batch in BATCHES}
+    check = served8.precision_check
     print(f"matmul {rate:.0f} GFLOP/s; Dscint {flops / 1e9:.3f} GFLOP/image; "
           f"floor {floor_ms:.2f} ms/image; threads {args.threads}; {args.clock} clock")
     print(f"served = {served.serving} (max |prob diff| {served.check_diff:.1e} vs torchscript "
           f"on the load-time check)")
-    print(f"{'model':<12}{'batch':>6}{'ms/image':>10}{'of floor':>10}{'speed-up':>10}")
+    print(f"served int8 = {served8.precision} {served8.serving}: "
+          + (check.summary() if check else "no check"))
+    print(f"{'model':<13}{'batch':>6}{'ms/image':>10}{'of floor':>10}{'speed-up':>10}")
     for r in rows:
-        print(f"{r['model']:<12}{r['batch']:>6}{r['ms_per_image']:>10}"
+        print(f"{r['model']:<13}{r['batch']:>6}{r['ms_per_image']:>10}"
               f"{r['floor_fraction']:>10.0%}{r['speedup_vs_torchscript']:>9}x")
     for batch, f in fc1.items():
-        print(f"FC1 alone at batch {batch}: {f['ms_per_image']} ms/image, "
-              f"{f['share_of_served']:.0%} of served")
+        print(f"FC1 alone at batch {batch}: fp32 {f['ms_per_image']} ms/image "
+              f"({f['share_of_served']:.0%} of served), bf16 {f['bf16_ms_per_image']}, "
+              f"int8 {f['int8_ms_per_image']}")
     if args.json:
         args.json.write_text(json.dumps({
             "matmul_gflops": rate, "gflop_per_image": flops / 1e9, "floor_ms": floor_ms,
             "threads": args.threads, "clock": args.clock, "served": served.serving,
             "served_max_prob_diff": served.check_diff, "rows": rows,
+            "int8": {"serving": served8.precision,
+                     "check": check.to_dict() if check else None},
             "fc1_only": {str(b): f for b, f in fc1.items()}}, indent=2))
 
 if __name__ == "__main__":

@@ -1,7 +1,14 @@
-"""Ingest benchmark: DCMTK storescu sends the same 1 MB two-frame NM files to the node and to
-DCMTK storescp, with 1 and 4 associations, side by side in one run.
+"""Ingest benchmark: DCMTK storescu sends the same 1 MB two-frame NM files to the node, to
+DCMTK storescp, to Orthanc and to a plain pynetdicom store SCP, with 1 and 4 associations, side
+by side in one run.
 
-Reports files/s, receiver CPU ms per file, receiver peak RSS and the node/storescp ratio. The
+Orthanc runs as Debian ships it (its own SQLite index, storage area synced), with Nagle off
+like every DCMTK tool here. The plain pynetdicom SCP is what pynetdicom's documentation shows:
+the node's PDU size, each dataset written with `encoded_dataset()` to a file, no fsync, no
+checks, in its own process.
+
+Reports files/s, receiver CPU ms per file, receiver peak RSS and the ratios to storescp and to
+Orthanc. The
 node's figures cover both its processes (classifier and receiver): CPU summed, peak RSS as the
 sum of each process's peak, with the two peaks shown beside it.
 `python -m bench.ingest [--files 200] [--json out.json]`. Needs dcmtk (`make test` installs it).
@@ -14,6 +21,7 @@ import json
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +41,7 @@ from node.receive import handlers as scp
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.intake import InstanceRecord, record_instance
+from tests.support.interop import Orthanc
 from tests.support.net import dcmtk_env, free_port, wait_port
 from tests.support.nodeproc import export_model, rss_mib, tree_rss_mib
 
@@ -111,12 +120,58 @@ def run_storescp(work: Path, files: list[Path], assocs: int) -> Row:
                             env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
-        row = measure("dcmtk storescp", proc.pid, port, "STORESCP", files, assocs)
+        row = measure(STORESCP, proc.pid, port, "STORESCP", files, assocs)
         if assocs > 1:  # --fork: children did the work and are gone; the parent's peak only
             row.cpu_ms_per_file = float("nan")
             row.peak_rss_mib = round(rss_mib(proc.pid, "VmHWM"), 1)
             row.cpu_by_process = row.peaks_by_process = ""
         return row
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def run_orthanc(work: Path, files: list[Path], assocs: int) -> Row:
+    """Orthanc (tests/support/interop's configuration: local, no plugins, unknown AEs may
+    store), a fresh index and storage area for each association count."""
+    orthanc = Orthanc(work / f"orthanc-{assocs}", ae_title="ORTHANC").start()
+    try:
+        assert orthanc.server is not None and orthanc.server.proc is not None
+        return measure(ORTHANC, orthanc.server.proc.pid, orthanc.dicom_port, "ORTHANC", files,
+                       assocs)
+    finally:
+        orthanc.stop()
+
+
+# pynetdicom's documented store SCP, with the node's PDU size; argv: port, output folder
+_PLAIN_SCP = """
+import sys
+from pathlib import Path
+from pynetdicom import AE, StoragePresentationContexts, evt
+out = Path(sys.argv[2])
+def store(event):
+    with open(out / f"{event.request.AffectedSOPInstanceUID}.dcm", "wb") as fh:
+        fh.write(event.encoded_dataset())
+    return 0x0000
+ae = AE(ae_title="PLAIN")
+ae.maximum_pdu_size = 1048576
+ae.maximum_associations = 16
+ae.supported_contexts = StoragePresentationContexts
+ae.start_server(("127.0.0.1", int(sys.argv[1])), block=True,
+                evt_handlers=[(evt.EVT_C_STORE, store)])
+"""
+
+
+def run_plain_pynetdicom(work: Path, files: list[Path], assocs: int) -> Row:
+    """A plain pynetdicom store SCP in its own process: what the node adds beyond it."""
+    port = free_port()
+    out = work / f"pynetdicom-{assocs}"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", _PLAIN_SCP, str(port), str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        return measure(PLAIN, proc.pid, port, "PLAIN", files, assocs)
     finally:
         proc.terminate()
         proc.wait()
@@ -140,6 +195,7 @@ def run_node(work: Path, model: Path, files: list[Path], assocs: int, two_proces
 
 
 NODE_2P, NODE_1P = "node 2 procs", "node 1 proc"
+STORESCP, ORTHANC, PLAIN = "dcmtk storescp", "orthanc", "pynetdicom"
 STAGES = ("parse", "header checks", "decode check", "views + patient key", "durable write",
           "durable queue row", "rename into place")
 
@@ -166,8 +222,12 @@ def stage_profile(work: Path, files: list[Path]) -> dict[str, float]:
             key = patient_key(ds, b"bench")
         study, series, sop = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), \
             str(ds.SOPInstanceUID)
+        received = files_store.receiving_dir("bench-1") / path.name  # as pynetdicom leaves it
+        received.parent.mkdir(parents=True, exist_ok=True)
+        received.write_bytes(raw)
         with clock("durable write"):
-            staged = files_store.stage(raw)
+            staged = files_store.stage(received)  # a link to the received file, fsynced
+        received.unlink()
         with clock("durable queue row"):
             record_instance(db, InstanceRecord(
                 sop_uid=sop, study_uid=study, series_uid=series,
@@ -218,26 +278,37 @@ def main() -> None:
         rows: list[Row] = []
         for assocs in (1, 4):
             rows.append(run_storescp(work, files, assocs))
+            rows.append(run_orthanc(work, files, assocs))
+            rows.append(run_plain_pynetdicom(work, files, assocs))
             rows.append(run_node(work, model, files, assocs, two_processes=True))
             rows.append(run_node(work, model, files, assocs, two_processes=False))
         stages = stage_profile(work, files[: min(len(files), 100)])
     print(f"{args.files} files of {files and 1.0:.1f} MiB pixel data, {args.studies} studies; "
           "receivers on 127.0.0.1; TCP_NODELAY=1 for DCMTK")
     print(f"{'receiver':<16}{'assocs':>7}{'files/s':>9}{'cpu ms/file':>13}{'peak RSS MiB':>14}"
-          f"{'node/storescp':>15}  by process (classifier + receiver): cpu ms/file; peak MiB")
+          f"{'/storescp':>11}{'/orthanc':>10}  by process (classifier + receiver): "
+          "cpu ms/file; peak MiB")
     print(f"({NODE_2P}: receiver and classifier processes, the default; {NODE_1P}: "
           "[node].receiver_process = false)")
-    ref = {r.associations: r.files_per_s for r in rows if r.receiver == "dcmtk storescp"}
+    ref = {r.associations: r.files_per_s for r in rows if r.receiver == STORESCP}
+    orthanc = {r.associations: r.files_per_s for r in rows if r.receiver == ORTHANC}
     for r in rows:
-        ratio = f"{r.files_per_s / ref[r.associations]:.2f}" if r.receiver != "dcmtk storescp" \
-            else ""
+        ratio = _ratio(r, STORESCP, ref)
+        to_orthanc = _ratio(r, ORTHANC, orthanc)
         print(f"{r.receiver:<16}{r.associations:>7}{r.files_per_s:>9}{r.cpu_ms_per_file:>13}"
-              f"{r.peak_rss_mib:>14}{ratio:>15}  "
+              f"{r.peak_rss_mib:>14}{ratio:>11}{to_orthanc:>10}  "
               + (f"{r.cpu_by_process}; {r.peaks_by_process}" if r.cpu_by_process else ""))
     print_stages(stages, ref.get(1, 0.0))
     if args.json:
         args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "stages_ms": stages},
                                         indent=2))
+
+
+def _ratio(row: Row, reference: str, by_assocs: dict[int, float]) -> str:
+    """row's files/s over the reference receiver's at the same association count."""
+    if row.receiver == reference or not by_assocs.get(row.associations):
+        return ""
+    return f"{row.files_per_s / by_assocs[row.associations]:.2f}"
 
 
 def print_stages(stages: dict[str, float], storescp_files_per_s: float) -> None:

@@ -87,7 +87,7 @@ def run(workers: int, n_studies: int, model: Path, work: Path) -> dict[str, floa
                 t.join()
             t0 = datetime.now(UTC)  # every worker is up
             if not pacs.wait_for(n_studies, timeout=60 + 30 * n_studies):
-                raise RuntimeError(f"only {len(pacs.received)} of {n_studies} SRs arrived")
+                raise RuntimeError(f"only {len(pacs.srs)} of {n_studies} SRs arrived")
             counted, elapsed = _finished_after(url, t0)
             for p in procs:
                 p.stop()

@@ -10,6 +10,12 @@ The module served is an inference-optimised copy of the verified TorchScript mod
 BatchNorm folded into the convolutions, convolutions and pooling on oneDNN): 1.8-1.9x faster
 than the plain TorchScript module at batch 8 and 1.5x at batch 1 (2 threads, quiet machine),
 checked against the verified module at load time (see `prepare_for_serving`).
+
+A model exported for int8 serving (`model.precision`: FC1 in int8) is checked again at load: the
+int8 copy is built from the verified fp32 weights and served only if it predicts the fp32 class on
+at least 99.5 % of the held-out phantom images; otherwise the node serves fp32 with a WARNING.
+Once int8 serves, the fp32 FC1 is released (78 MB); evidence maps take their gradients through
+the int8 layer (`model.precision.differentiable`).
 """
 
 from __future__ import annotations
@@ -24,12 +30,23 @@ import numpy as np
 import torch
 
 from model.calibration import apply_temperature
-from model.explain import ExplainError, grad_cam
+from model.explain import ExplainError, evidence_maps, to_view_grid
 from model.export import (
     ModelFileError,
     ModelMetadata,
     load_torchscript,
     torchscript_deprecation_silenced,
+)
+from model.precision import (
+    AUTO,
+    FP32,
+    INT8,
+    PRECISIONS,
+    VERIFY_STUDIES,
+    PrecisionCheck,
+    compare,
+    differentiable,
+    int8_module,
 )
 from model.preprocess import mirror, preprocess_batch
 
@@ -187,24 +204,68 @@ def prepare_for_serving(module: torch.jit.ScriptModule, meta: ModelMetadata,
     return fast, OPTIMIZED, diff
 
 
+def wanted_precision(meta: ModelMetadata, precision: str) -> str:
+    """AUTO: what the model's metadata chose at export; otherwise the precision asked for."""
+    if precision == AUTO:
+        return meta.precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {(AUTO, *PRECISIONS)}, got {precision!r}")
+    return precision
+
+
 class Classifier:
     """Loads a TorchScript Dscint once and classifies studies under inference mode.
 
     `serving` says which module answers: OPTIMIZED, or TORCHSCRIPT when the optimised one was
-    refused (see `prepare_for_serving`); `optimize=False` serves the verified module as loaded.
+    refused (see `prepare_for_serving`); `optimize=False` serves the verified module as loaded
+    (fp32). `precision` (AUTO: the model's own choice, FP32, INT8) is what is asked for;
+    `self.precision` is what serves, and `precision_check` the load-time check when int8 was
+    asked for.
     """
 
-    def __init__(self, path: Path, optimize: bool = True) -> None:
+    def __init__(self, path: Path, optimize: bool = True, precision: str = AUTO,
+                 verify_studies: int = VERIFY_STUDIES) -> None:
         self.path = path
         verified, self.meta = load_torchscript(path)
-        self.module, self.serving, self.check_diff = prepare_for_serving(
-            verified, self.meta, optimize)
-        # kept for evidence maps (gradients need the unfrozen module); the frozen copy
-        # shares its weights, so this holds no second copy of FC1
-        self._verified = verified
-        log.info("loaded model %s version %s sha256 %s (%s), serving %s", path.name,
+        self.precision = FP32
+        self.precision_check: PrecisionCheck | None = None
+        if optimize and wanted_precision(self.meta, precision) == INT8 \
+                and self._serve_int8(verified, verify_studies):
+            del verified  # the fp32 FC1 goes with it: nothing else refers to it
+        else:
+            self.module, self.serving, self.check_diff = prepare_for_serving(
+                verified, self.meta, optimize)
+            # kept for evidence maps (gradients need the unfrozen module); the frozen copy
+            # shares its weights, so this holds no second copy of FC1
+            self._verified: torch.nn.Module = verified
+        log.info("loaded model %s version %s sha256 %s (%s), serving %s %s", path.name,
                  self.meta.version, self.meta.weights_sha256[:12], self.meta.training_data,
-                 self.serving)
+                 self.serving, self.precision)
+
+    def _serve_int8(self, verified: torch.jit.ScriptModule, studies: int) -> bool:
+        """Build the int8 copy, check it against `verified` on held-out images and, if it
+        passes, serve it (optimised as fp32 would be); False (with a WARNING) means serve fp32."""
+        name = f"model {self.meta.name} {self.meta.version}"
+        try:
+            with torchscript_deprecation_silenced():
+                candidate, _ = int8_module(verified)
+                scripted = torch.jit.script(candidate)
+            check = compare(verified, scripted, self.meta.preprocessing, self.meta.temperature,
+                            INT8, studies)
+        except Exception as exc:  # PrecisionError, or a torch without int8: serve fp32
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            log.warning("%s: int8 serving unavailable (%s); serving fp32", name, reason)
+            return False
+        self.precision_check = check
+        if not check.passed:
+            log.warning("%s: int8 check failed at load: %s; serving fp32", name, check.summary())
+            return False
+        self.module, self.serving, self.check_diff = prepare_for_serving(
+            scripted, self.meta, optimize=True)
+        self._verified = differentiable(candidate)
+        self.precision = INT8
+        log.info("%s: int8 check passed at load: %s", name, check.summary())
+        return True
 
     @property
     def metadata(self) -> ModelMetadata:
@@ -229,23 +290,26 @@ class Classifier:
         return apply_temperature(raw, self.meta.temperature)
 
     @property
-    def verified_module(self) -> torch.jit.ScriptModule:
-        """The verified (unfrozen) module: gradients for evidence maps flow through it."""
+    def verified_module(self) -> torch.nn.Module:
+        """The unfrozen module of the served precision (the verified TorchScript module in
+        fp32; with int8, its fp32 layers and the checked int8 FC1): gradients for evidence
+        maps flow through it."""
         return self._verified
 
     def explain(self, images: Sequence[np.ndarray], class_name: str
                 ) -> list[np.ndarray | None]:
-        """Grad-CAM maps of `class_name` for raw count images, each (rows, cols) in [0, 1];
-        None for each when this network has no layout a map can be computed from."""
+        """Evidence maps (`model.explain.evidence_maps`) of `class_name` for raw count images,
+        each on its image's own pixel grid, in [0, 1]; None for each when this network has no
+        layout a map can be computed from."""
         if not images:
             return []
         batch = preprocess_batch(images, self.meta.preprocessing)
         try:
-            maps = grad_cam(self._verified, batch, self.meta.class_names.index(class_name))
+            maps = evidence_maps(self._verified, batch, self.meta.class_names.index(class_name))
         except ExplainError as exc:
             log.info("no evidence map for model %s: %s", self.meta.name, exc)
             return [None] * len(images)
-        return list(maps)
+        return [to_view_grid(m, img.shape[:2]) for m, img in zip(maps, images, strict=True)]
 
     def classify_study(self, views: Sequence[tuple[str, np.ndarray]]) -> StudyPrediction:
         """Classify all views of one study and combine them."""

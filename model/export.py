@@ -3,6 +3,9 @@
 A model file carries what the node needs to trust it (as nanoGPT checkpoints carry their config):
 class names and codes, input shape, preprocessing, version, weights sha256, training data and
 headline metrics. The sha256 covers the weights only, so it is stable across re-serialisation.
+The file always holds the fp32 weights; `precision` says in which precision to serve them
+(int8 for FC1 when it agrees with fp32 on held-out images, `model.precision`), with the check
+that chose it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,17 @@ from torch import nn
 
 from model.calibration import DEFAULT_TEMPERATURE, DEFAULT_THRESHOLD, MIN_THRESHOLD
 from model.classes import CLASS_NAMES, DscintClass
+from model.precision import (
+    AUTO,
+    FP32,
+    INT8,
+    PRECISIONS,
+    VERIFY_STUDIES,
+    PrecisionCheck,
+    PrecisionError,
+    compare,
+    int8_module,
+)
 from model.preprocess import PREPROCESS_VERSION, PreprocessParams
 
 log = logging.getLogger(__name__)
@@ -59,6 +73,10 @@ class ModelMetadata:
     temperature: float = DEFAULT_TEMPERATURE
     indeterminate_below: float = DEFAULT_THRESHOLD
     calibration: dict[str, Any] = field(default_factory=dict)
+    # the precision to serve in (model.precision) and the held-out check that chose it; files
+    # exported before it load as fp32 with no check
+    precision: str = FP32
+    precision_check: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """Serialised form stored next to the TorchScript code."""
@@ -75,6 +93,7 @@ class ModelMetadata:
             "metrics": self.metrics, "train_config": self.train_config,
             "temperature": self.temperature, "indeterminate_below": self.indeterminate_below,
             "calibration": self.calibration,
+            "precision": self.precision, "precision_check": self.precision_check,
             "created_at": self.created_at or datetime.now(UTC).isoformat(timespec="seconds"),
         }
         return json.dumps(doc, indent=2, sort_keys=True)
@@ -111,8 +130,27 @@ class ModelMetadata:
             input_shape=tuple(doc["input_shape"]),  # type: ignore[arg-type]
             preprocessing=pre, metrics=dict(doc.get("metrics", {})),
             train_config=dict(doc.get("train_config", {})), created_at=str(doc["created_at"]),
-            **_calibration_fields(doc),
+            **_calibration_fields(doc), **_precision_fields(doc),
         )
+
+
+def _precision_fields(doc: dict[str, Any]) -> dict[str, Any]:
+    """Serving precision and its check; fp32 when absent (older files); anything else invalid
+    raises ModelFileError (a file may not ask for a precision nobody checked)."""
+    precision = str(doc.get("precision", FP32))
+    if precision not in PRECISIONS:
+        raise ModelFileError(f"model precision {precision!r} is not one of {PRECISIONS}")
+    check = dict(doc.get("precision_check") or {})
+    if check:
+        try:
+            parsed = PrecisionCheck.from_dict(check)
+        except ValueError as exc:
+            raise ModelFileError(str(exc)) from exc
+        if precision != FP32 and not (parsed.precision == precision and parsed.passed):
+            raise ModelFileError(f"model precision {precision} lacks a passed check")
+    elif precision != FP32:
+        raise ModelFileError(f"model precision {precision} carries no precision_check")
+    return {"precision": precision, "precision_check": check}
 
 
 def _calibration_fields(doc: dict[str, Any]) -> dict[str, Any]:
@@ -163,15 +201,49 @@ def weights_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def export_torchscript(probabilities_module: nn.Module, path: Path, meta: ModelMetadata) -> Path:
-    """Script the probability-emitting module and save it with metadata, atomically."""
+def choose_precision(scripted: torch.jit.ScriptModule, meta: ModelMetadata, precision: str,
+                     studies: int = VERIFY_STUDIES) -> tuple[str, dict[str, Any]]:
+    """The precision to record and its check: int8 when asked for (INT8 or AUTO) and its check
+    on held-out images passes, else fp32 (with a WARNING when int8 was asked for but failed)."""
+    if precision == FP32:
+        return FP32, {}
+    if precision not in (INT8, AUTO):
+        raise ValueError(f"precision must be one of {(AUTO, *PRECISIONS)}, got {precision!r}")
+    try:
+        with torchscript_deprecation_silenced():
+            candidate, layers = int8_module(scripted)
+    except PrecisionError as exc:
+        log.info("model %s %s stays fp32: %s", meta.name, meta.version, exc)
+        return FP32, {}
+    except Exception as exc:  # an optional speed-up this torch cannot build: fp32, said why
+        log.warning("model %s %s stays fp32: int8 unavailable (%s)", meta.name, meta.version,
+                    (str(exc).strip().splitlines() or [type(exc).__name__])[-1])
+        return FP32, {}
+    check = compare(scripted, candidate, meta.preprocessing, meta.temperature, INT8, studies)
+    record = {**check.to_dict(), "layers": layers, "torch": torch.__version__}
+    if not check.passed:
+        log.warning("model %s %s exported for fp32 serving: %s", meta.name, meta.version,
+                    check.summary())
+        return FP32, record
+    log.info("model %s %s exported for int8 serving: %s", meta.name, meta.version,
+             check.summary())
+    return INT8, record
+
+
+def export_torchscript(probabilities_module: nn.Module, path: Path, meta: ModelMetadata,
+                       precision: str = FP32, verify_studies: int = VERIFY_STUDIES) -> Path:
+    """Script the probability-emitting module and save it (fp32 weights) with metadata,
+    atomically. `precision` INT8 or AUTO records int8 serving when the int8 copy passes its
+    held-out check (`choose_precision`; ~5 s for the default 100 studies), else fp32."""
     probabilities_module = probabilities_module.eval()
     with torchscript_deprecation_silenced():
         scripted = torch.jit.script(probabilities_module)
     sha = weights_sha256(scripted)
     if meta.weights_sha256 and meta.weights_sha256 != sha:
         raise ModelFileError("metadata sha256 does not match the weights being exported")
-    meta_json = ModelMetadata(**{**meta.__dict__, "weights_sha256": sha}).to_json()
+    chosen, check = choose_precision(scripted, meta, precision, verify_studies)
+    meta_json = ModelMetadata(**{**meta.__dict__, "weights_sha256": sha, "precision": chosen,
+                                 "precision_check": check}).to_json()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with torchscript_deprecation_silenced():

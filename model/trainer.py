@@ -2,7 +2,8 @@
 
 Images are preprocessed once (not every epoch); augmentation runs on the fly inside the training
 part only. Evaluation reports image-level metrics (as the paper) and study-level metrics (views
-combined, as the node serves).
+combined, as the node serves). Under torchrun the same loop trains one slice of every global
+batch per process (model.distributed); on CUDA and/or with a bf16 forward pass when asked.
 """
 
 from __future__ import annotations
@@ -18,12 +19,25 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model.archs import Probabilities, build_network, get_arch, set_channels_last
 from model.augment import AugmentParams, augment_batch
 from model.calibration import Calibration, calibrate
 from model.classes import CLASS_NAMES
+from model.distributed import (
+    DEVICES,
+    World,
+    autocast_dtype,
+    check_batch,
+    current_world,
+    globalise_batchnorm,
+    localise_batchnorm,
+    shard_batch,
+    sum_across,
+    training_device,
+)
 from model.export import ModelMetadata, export_torchscript
 from model.metrics import ClassificationMetrics, compute_metrics
 from model.preprocess import PreprocessParams, preprocess_view
@@ -60,6 +74,13 @@ class TrainConfig:
     arch: str = "dscint"  # model.archs key: dscint or a baseline
     balance_classes: bool = False  # sample the training part toward TABLE3_PROPORTIONS
     channels_last: bool = True  # NHWC convolutions: measured faster on this CPU
+    device: str = "cpu"  # cpu, cuda (each torchrun rank its local GPU) or auto
+    precision: str = "fp32"  # fp32, or bf16: forward pass under autocast (CPU or CUDA)
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; one of {', '.join(DEVICES)}")
+        autocast_dtype(self.precision)  # ValueError for an unknown precision
 
 
 # Paper Table 3 (augmented dataset): normal, bone metastasis, arthritis, thyroid carcinoma.
@@ -108,42 +129,66 @@ def epoch_order(y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torc
     return torch.randperm(len(y), generator=gen)
 
 
+@dataclass(frozen=True)
+class _Step:
+    """Where and how one rank computes a training step."""
+
+    world: World
+    device: torch.device
+    amp: torch.dtype | None  # autocast dtype, None for fp32
+
+
 def _train_epoch(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                  cfg: TrainConfig, gen: torch.Generator, bar: tqdm,
-                 seen: set[int] | None = None) -> tuple[float, float]:
-    """One pass over the training part; returns (mean loss, accuracy)."""
+                 seen: set[int] | None = None, step: _Step | None = None
+                 ) -> tuple[float, float]:
+    """One pass over the training part; returns (mean loss, accuracy) over all ranks.
+
+    Every rank draws the same order and augments the whole global batch with the same
+    generator (the draws stay in step with one process), then trains on its slice."""
+    step = step or _Step(World(), torch.device("cpu"), None)
     net.train()
     loss_fn = nn.CrossEntropyLoss()
     order = epoch_order(y, cfg, gen)
-    total_loss, correct = 0.0, 0
+    # summed on the device, read once per epoch: no wait for the GPU at every step
+    total_loss = torch.zeros((), dtype=torch.float64, device=step.device)
+    correct = torch.zeros((), dtype=torch.int64, device=step.device)
     for start in range(0, len(order), cfg.batch_size):
-        idx = order[start:start + cfg.batch_size]
+        idx, mine = shard_batch(order[start:start + cfg.batch_size], step.world)
         if len(idx) < 2:  # BatchNorm needs two samples in training mode
             continue
         if seen is not None:
             seen.update(int(i) for i in idx)
-        xb = augment_batch(x[idx], gen, cfg.augment)
+        xb = augment_batch(x[idx], gen, cfg.augment)[mine].to(step.device, non_blocking=True)
+        yb = y[idx[mine]].to(step.device, non_blocking=True)
         if cfg.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        logits = net(xb)
-        loss = loss_fn(logits, y[idx])
+        with torch.autocast(step.device.type, dtype=step.amp or torch.bfloat16,
+                            enabled=step.amp is not None):
+            logits = net(xb)
+            loss = loss_fn(logits, yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total_loss += loss.item() * len(idx)
-        correct += int((logits.argmax(1) == y[idx]).sum())
+        total_loss += loss.detach().double() * len(yb)
+        correct += (logits.argmax(1) == yb).sum()
         bar.update(len(idx))
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return total_loss / max(len(x), 1), correct / max(len(x), 1)
+        if not bar.disable:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    loss_sum, n_correct = sum_across([float(total_loss), float(correct)], step.device)
+    return loss_sum / max(len(x), 1), n_correct / max(len(x), 1)
 
 
 def predict(net: nn.Module, x: torch.Tensor, batch_size: int = 16) -> np.ndarray:
-    """Softmax probabilities for a preprocessed tensor, in eval mode."""
+    """Softmax probabilities for a preprocessed tensor, in eval mode and fp32, on the device
+    the network is on (the node serves fp32 on the CPU)."""
     net.eval()
+    device = next(net.parameters()).device
     outs = []
     with torch.inference_mode():
         for start in range(0, len(x), batch_size):
-            outs.append(torch.softmax(net(x[start:start + batch_size]), dim=1))
+            xb = x[start:start + batch_size].to(device)
+            outs.append(torch.softmax(net(xb), dim=1).cpu())
     return torch.cat(outs).double().numpy() if outs else np.zeros((0, len(CLASS_NAMES)))
 
 
@@ -169,6 +214,9 @@ def train_model(data: LabelledImages, cfg: TrainConfig,
     let repeated runs reuse one split and one preprocessing pass.
     """
     params = params or PreprocessParams()
+    world = current_world()
+    check_batch(cfg.batch_size, world)
+    step = _Step(world, training_device(cfg.device, world), autocast_dtype(cfg.precision))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -179,23 +227,23 @@ def train_model(data: LabelledImages, cfg: TrainConfig,
     x_all = inputs if inputs is not None else preprocess_all(data.images, params, cfg.progress)
     y_all = torch.from_numpy(labels)
     x_train, y_train = x_all[train_idx], y_all[train_idx]
-    net = build_network(cfg.arch)
-    if cfg.channels_last:
-        set_channels_last(net)
+    net, trained = _placed_network(cfg, step)
     # fused Adam: same update as Table 5's Adam, one kernel per step (3x faster on this CPU)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                           fused=True)
+    opt = torch.optim.Adam(trained.parameters(), lr=cfg.learning_rate,
+                           weight_decay=cfg.weight_decay, fused=True)
     history: list[dict[str, float]] = []
     seen: set[int] = set()
     t0 = time.perf_counter()
     with tqdm(total=cfg.epochs * len(train_idx), desc=f"train {get_arch(cfg.arch).display}",
-              unit="img", disable=not cfg.progress) as bar:
+              unit="img", disable=not cfg.progress or not world.main) as bar:
         for epoch in range(cfg.epochs):
-            loss, acc = _train_epoch(net, opt, x_train, y_train, cfg, gen, bar, seen)
+            loss, acc = _train_epoch(trained, opt, x_train, y_train, cfg, gen, bar, seen, step)
             history.append({"epoch": epoch + 1, "loss": loss, "train_accuracy": acc})
             log.info("epoch %d/%d loss %.4f train accuracy %.3f", epoch + 1, cfg.epochs, loss, acc)
     seconds = time.perf_counter() - t0
+    localise_batchnorm(net)
     probs = predict(net, x_all[test_idx])
+    net.cpu()  # exported and served from the CPU
     test_pids = [data.patient_ids[i] for i in test_idx]
     y_study, p_study = study_level(test_pids, labels[test_idx], probs)
     return TrainResult(
@@ -206,6 +254,20 @@ def train_model(data: LabelledImages, cfg: TrainConfig,
         inputs=x_all, trained_indices=np.asarray(train_idx)[sorted(seen)],
         calibration=calibrate(labels[test_idx], probs, test_pids),
     )
+
+
+def _placed_network(cfg: TrainConfig, step: _Step) -> tuple[nn.Module, nn.Module]:
+    """(the network, what trains it): the network itself for one process, else a
+    DistributedDataParallel wrapper around it with BatchNorm over the global batch."""
+    net = build_network(cfg.arch)
+    if cfg.channels_last:
+        set_channels_last(net)
+    net.to(step.device)
+    if step.world.size == 1:
+        return net, net
+    globalise_batchnorm(net)
+    ids = [step.device.index] if step.device.type == "cuda" else None
+    return net, DistributedDataParallel(net, device_ids=ids)
 
 
 def headline(result: TrainResult) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """`python -m node ...`: serve (or one role: receive, worker), status, resend, requeue, demo,
-phantoms, train, retrain, models."""
+phantoms, train, retrain, models, feedback (`status --drift`: the drift comparison)."""
 
 from __future__ import annotations
 
@@ -10,27 +10,45 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from node.config import ConfigError, load_config
+from node.config import Config, ConfigError, load_config
 from node.logs import setup_logging
 
+if TYPE_CHECKING:
+    from node.service.node import Node, Role
+
 log = logging.getLogger("node")
+
+
+def _open_node(cfg: Config, role: Role) -> Node | None:
+    """The node of one role; None (logged) when its model cannot load. Only a classifying
+    role imports torch and the model: a receiver's process never maps libtorch."""
+    from node.service.node import Node
+    if not role.classifies:
+        from node.runtime import tune_malloc
+        tune_malloc()  # fewer malloc arenas, as the classifier process (before our threads)
+        return Node(cfg, role=role)
+    from model.export import ModelFileError
+    from node.service.startup import prepare_classifier_process, settle_after_model_load
+    prepare_classifier_process(cfg)
+    try:
+        node = Node(cfg, role=role)
+    except ModelFileError as exc:
+        log.error("cannot start: model %s: %s", cfg.model_path, exc)
+        return None
+    settle_after_model_load()
+    return node
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     """serve, receive or worker: the node, or one of its roles (node.service.node.Role)."""
     cfg = load_config(args.config)
     setup_logging(cfg.logging.level)
-    from model.export import ModelFileError
-    from node.service.node import Node, Role
-    from node.service.startup import prepare_classifier_process, settle_after_model_load
-    prepare_classifier_process(cfg)
-    try:
-        node = Node(cfg, role=Role(args.command))
-    except ModelFileError as exc:
-        log.error("cannot start: model %s: %s", cfg.model_path, exc)
+    from node.service.node import Role
+    node = _open_node(cfg, Role(args.command))
+    if node is None:
         return 2
-    settle_after_model_load()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -49,6 +67,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    if args.drift:
+        from node.ops.drift import print_drift
+        return print_drift(cfg, as_json=args.json)
     from node.ops.status import StatusFilter, parse_since, print_status
     try:
         since = parse_since(args.since) if args.since else None
@@ -106,8 +127,15 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     return run_retrain(cfg, args)
 
 
+def _cmd_feedback(args: argparse.Namespace) -> int:
+    from node.ops.feedback import run_feedback
+    cfg = load_config(args.config)
+    setup_logging(cfg.logging.level)
+    return run_feedback(cfg, args)
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
-    from node.ops.retrain import run_models
+    from node.ops.models import run_models
     cfg = load_config(args.config)
     return run_models(cfg, args)
 
@@ -133,6 +161,8 @@ def _add_status_parser(sp: argparse.ArgumentParser) -> None:
                     "7d)")
     sp.add_argument("--study", metavar="UID", help="this study (its UID's ending suffices)")
     sp.add_argument("--limit", type=int, default=200, help="at most this many studies")
+    sp.add_argument("--drift", action="store_true", help="this window's classes and input "
+                    "characteristics against the previous windows (exit status 1 on drift)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("serve", "run the DICOM node"),
                            ("receive", "receiver role only: the SCP, no model (shared queue)"),
                            ("worker", "worker role only: classify and export, no SCP"),
-                           ("resend", "re-queue dead-lettered SR exports")):
+                           ("resend", "re-queue dead-lettered result exports (SR, image, PDF)")):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("--config", type=Path, default=Path("config.toml"))
     _add_status_parser(sub.add_parser("status", help="table of studies and their states"))
@@ -174,11 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--difficulty", type=float, default=0.5)
     t.add_argument("--no-baseline", action="store_true")
-    from node.ops.retrain import add_models_arguments, add_retrain_arguments
+    from node.ops.models import add_models_arguments
+    from node.ops.retrain import add_retrain_arguments
     add_retrain_arguments(sub.add_parser(
         "retrain", help="paper protocol on your data: report, registry, promotion"))
+    from node.ops.feedback import add_feedback_arguments
+    add_feedback_arguments(sub.add_parser(
+        "feedback", help="record physicians' conclusions (--study UID --label CLASS, --csv)"))
     add_models_arguments(sub.add_parser(
-        "models", help="list registered models; 'rollback'; 'promote VERSION'"))
+        "models", help="list registered models and shadow trials; 'rollback'; "
+        "'promote VERSION'; 'shadow VERSION' | 'shadow --stop'"))
     return p
 
 
@@ -186,7 +221,7 @@ COMMANDS = {"serve": _cmd_serve, "receive": _cmd_serve, "worker": _cmd_serve,
             "status": _cmd_status, "resend": _cmd_resend,
             "requeue": _cmd_requeue,
             "demo": _cmd_demo, "phantoms": _cmd_phantoms, "train": _cmd_train,
-            "retrain": _cmd_retrain, "models": _cmd_models}
+            "retrain": _cmd_retrain, "models": _cmd_models, "feedback": _cmd_feedback}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

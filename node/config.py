@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.dicom.codes import ACCEPTED_SOP_CLASSES, SR_STORAGE_CLASSES, storage_class_uid
+
 DEFAULT_DB_NAME = "dscint.db"
 
 
@@ -84,6 +86,14 @@ class PacsSection:
     tls_cert_file: str = ""  # our client certificate, when PACS requires one
     tls_key_file: str = ""
     tls_server_name: str = ""  # name in PACS's certificate; empty = host
+    # SR classes offered for the result, best first (UIDs or keywords); empty = all three
+    sr_classes: tuple[str, ...] = ()
+
+    @property
+    def sr_class_uids(self) -> tuple[str, ...]:
+        """The SR classes to propose, best first (validated to be SR_STORAGE_CLASSES)."""
+        named = tuple(storage_class_uid(c) or c for c in self.sr_classes)
+        return named or SR_STORAGE_CLASSES
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,10 @@ class ModelSection:
 
     path: str = "var/dscint/models/dscint.pt"
     indeterminate_below: float = 0.0  # 0 = the threshold stored in the model
+    # promotion waits for a shadow trial (`models shadow VERSION`): 0 = no requirement
+    promote_min_shadow_studies: int = 0
+    promote_min_agreement: float = 0.0  # share of shadow studies agreeing with serving
+    shadow_backlog: int = 16  # studies waiting for the shadow model; beyond: skipped, counted
 
 
 @dataclass(frozen=True)
@@ -124,6 +138,9 @@ class CompletionSection:
 
     quiet_seconds: float = 120.0
     sweep_seconds: float = 5.0
+    # a new view after the result amends it (once quiet) within this many days of the
+    # study's first result; later ones are kept and counted late only (0 = never amend)
+    amend_window_days: float = 7.0
 
 
 @dataclass(frozen=True)
@@ -170,6 +187,28 @@ class AlertsSection:
     health_check_seconds: float = 30.0  # how often health is checked for "degraded"
 
 
+@dataclass(frozen=True)
+class ResultsSection:
+    """[results]: the objects sent to PACS beside the SR (for people: every viewer shows an
+    image, a RIS or document viewer shows a PDF)."""
+
+    image: bool = True  # the result image, a colour Secondary Capture the SR references
+    pdf: bool = True  # a one-page PDF report (Encapsulated PDF Storage)
+
+
+@dataclass(frozen=True)
+class DriftSection:
+    """[drift]: per-window comparison of predicted classes and input characteristics
+    (node.service.drift); past the threshold /health is degraded with the reason."""
+
+    window_days: float = 7.0  # one window; the current one ends now
+    baseline_windows: int = 4  # previous windows pooled as the baseline
+    threshold: float = 0.25  # total variation distance (0-1) that raises the alarm (when also
+    # past the characteristic's usual variation between the previous windows)
+    min_studies: int = 30  # fewer studies in the current window or the baseline: no verdict
+    check_seconds: float = 900.0  # how often a running node recomputes it (0 = never)
+
+
 NOT_APPLICABLE_POLICIES = ("store", "refuse")
 
 
@@ -182,6 +221,13 @@ class AdmissionSection:
     max_instance_mb: int = 64  # one C-STORE's encoded size (deflated: inflated), else 0xC015
     max_study_instances: int = 100  # instances per study, else 0xC017 (0 = no cap)
     max_study_decoded_mb: int = 1024  # rows x columns x frames x 4 summed per study, else 0xC017
+    # storage SOP classes answered 0x0122 instead of Success-and-ignored (UIDs or keywords)
+    refuse_sop_classes: tuple[str, ...] = ()
+
+    @property
+    def refused_sop_class_uids(self) -> frozenset[str]:
+        """The refuse list as UIDs (validated: standard storage classes, never an input)."""
+        return frozenset(storage_class_uid(c) or c for c in self.refuse_sop_classes)
 
     @property
     def refuses_not_applicable(self) -> bool:
@@ -204,6 +250,8 @@ class Config:
     health: HealthSection = field(default_factory=HealthSection)
     admission: AdmissionSection = field(default_factory=AdmissionSection)
     alerts: AlertsSection = field(default_factory=AlertsSection)
+    drift: DriftSection = field(default_factory=DriftSection)
+    results: ResultsSection = field(default_factory=ResultsSection)
     base_dir: Path = Path(".")
 
     @property
@@ -307,15 +355,30 @@ def _validate(cfg: Config) -> None:
          "[node].classify_backoff_seconds and classify_backoff_cap_seconds must be >= 0"),
         (cfg.export.max_attempts >= 1, "[export].max_attempts must be >= 1"),
         (cfg.completion.quiet_seconds > 0, "[completion].quiet_seconds must be > 0"),
+        (cfg.completion.amend_window_days >= 0,
+         "[completion].amend_window_days must be >= 0 (0 = never amend)"),
         (cfg.logging.level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
          "[logging].level must be DEBUG, INFO, WARNING or ERROR"),
         *_safety_checks(cfg),
+        *_drift_checks(cfg),
         *_listener_checks(cfg),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
     cfg.caller_rules  # noqa: B018 - parses, raising ConfigError on a bad entry
+
+
+def _drift_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """Checks of the [drift] keys."""
+    d = cfg.drift
+    return [
+        (d.window_days > 0, "[drift].window_days must be > 0"),
+        (1 <= d.baseline_windows <= 52, "[drift].baseline_windows must be 1-52"),
+        (0 < d.threshold <= 1, "[drift].threshold must be a distance in (0, 1]"),
+        (d.min_studies >= 1, "[drift].min_studies must be >= 1"),
+        (d.check_seconds >= 0, "[drift].check_seconds must be >= 0"),
+    ]
 
 
 def _listener_checks(cfg: Config) -> list[tuple[bool, str]]:
@@ -354,6 +417,11 @@ def _safety_checks(cfg: Config) -> list[tuple[bool, str]]:
         (0 <= cfg.health.port <= 65535, "[health].port must be 0-65535"),
         (0 <= cfg.model.indeterminate_below <= 1,
          "[model].indeterminate_below must be 0 (the model's own) or a probability up to 1"),
+        (cfg.model.promote_min_shadow_studies >= 0,
+         "[model].promote_min_shadow_studies must be >= 0"),
+        (0 <= cfg.model.promote_min_agreement <= 1,
+         "[model].promote_min_agreement must be a share from 0 to 1"),
+        (cfg.model.shadow_backlog >= 1, "[model].shadow_backlog must be >= 1"),
         (cfg.health.page_refresh_seconds >= 1, "[health].page_refresh_seconds must be >= 1"),
         (all(e in ALERT_EVENTS for e in cfg.alerts.events),
          f"[alerts].events must be among {', '.join(ALERT_EVENTS)}"),
@@ -370,6 +438,14 @@ def _safety_checks(cfg: Config) -> list[tuple[bool, str]]:
          "[admission].max_study_instances and max_study_decoded_mb must be >= 0"),
         (0 < cfg.node.store_db_wait_seconds < cfg.node.dimse_timeout,
          "[node].store_db_wait_seconds must be > 0 and below [node].dimse_timeout"),
+        (all(storage_class_uid(c) not in (None, *ACCEPTED_SOP_CLASSES)
+             for c in cfg.admission.refuse_sop_classes),
+         "[admission].refuse_sop_classes must name standard storage SOP classes (UID or "
+         "keyword), not NM Image Storage or Secondary Capture"),
+        (all(storage_class_uid(c) in SR_STORAGE_CLASSES for c in p.sr_classes)
+         and len(set(p.sr_class_uids)) == len(p.sr_class_uids),
+         "[pacs].sr_classes must list, once each, Comprehensive3DSRStorage, "
+         "ComprehensiveSRStorage or EnhancedSRStorage (keyword or UID)"),
     ]
 
 

@@ -25,6 +25,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Engine,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -34,6 +35,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    false,
     text,
 )
 from sqlalchemy.engine import make_url
@@ -150,6 +152,7 @@ class Study(Base):
     __table_args__ = (
         CheckConstraint(_in("state", StudyState), name="state"),
         Index("ix_studies_state_last", "state", "last_instance_at"),
+        Index("ix_studies_amend", "amend_pending", "last_instance_at"),
     )
 
     study_uid: Mapped[str] = mapped_column(String(UID), primary_key=True)
@@ -166,6 +169,10 @@ class Study(Base):
     calling_ae: Mapped[str] = mapped_column(String(AE), default="")
     # not_applicable: why; a classified study: which instances were left out (None: none)
     applicability_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    # a new whole-body view arrived after classification began, within the amendment window:
+    # classified again once quiet (storage.amend); cleared when a job claims the study
+    amend_pending: Mapped[bool] = mapped_column(Boolean, default=False,
+                                                server_default=false())  # older writers
 
 
 class Instance(Base):
@@ -192,6 +199,9 @@ class Instance(Base):
     # views are classified; the reason carries no patient data
     applicable: Mapped[bool] = mapped_column(Boolean, default=True)
     applicability_reason: Mapped[str] = mapped_column(Text, default="")
+    # late, but within [completion].amend_window_days: the amended result is classified with
+    # it (storage.amend); a late instance without it is kept and never classified
+    amends: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Job(Base):
@@ -226,9 +236,20 @@ class Job(Base):
 
 
 class Result(Base):
-    """A classification and the SR that reports it; probabilities are JSON text."""
+    """A classification and the SR that reports it; probabilities are JSON text.
+
+    A study's results are versions: 1, then each amendment (storage.amend) n + 1 naming its
+    predecessor; the highest is current. Two results of one version above 1 are refused by
+    the database; version 1 is kept unique by the one job per study and its lease rules
+    (a unique index over it would refuse to be made on a database from before versions
+    where a takeover had stored a second one).
+    """
 
     __tablename__ = "results"
+    __table_args__ = (
+        Index("uq_results_study_version", "study_uid", "version", unique=True,
+              sqlite_where=text("version > 1"), postgresql_where=text("version > 1")),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     study_uid: Mapped[str] = mapped_column(String(UID), ForeignKey("studies.study_uid"),
@@ -244,6 +265,8 @@ class Result(Base):
     sr_path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     note: Mapped[str | None] = mapped_column(Text, default=None)
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
+    predecessor_id: Mapped[int | None] = mapped_column(ForeignKey("results.id"), default=None)
 
 
 class Export(Base):
@@ -274,6 +297,25 @@ class Export(Base):
     # another object of the result (the result image): its file; None = the result's SR
     # (sr_sop_uid then holds that object's SOP Instance UID)
     object_path: Mapped[str | None] = mapped_column(Text, default=None)
+    # what the destination acknowledged: the SR as stored, or re-encoded in another SR class
+    # the PACS accepts (node.export.scu), which has its own SOP Instance UID; None before then
+    delivered_sop_class_uid: Mapped[str | None] = mapped_column(String(UID), default=None)
+    delivered_sop_uid: Mapped[str | None] = mapped_column(String(UID), default=None)
+
+
+class IgnoredCount(Base):
+    """Instances answered Success but not kept (not an input, or the node's own object routed
+    back), or refused by [admission].refuse_sop_classes: a count per SOP class and kind,
+    nothing else about them, so the table stays as small as the list of SOP classes."""
+
+    __tablename__ = "ignored_instances"
+
+    sop_class_uid: Mapped[str] = mapped_column(String(UID), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+    first_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_calling_ae: Mapped[str] = mapped_column(String(AE), default="")
 
 
 class Purge(Base):
@@ -290,6 +332,116 @@ class Purge(Base):
     purged_at: Mapped[datetime] = mapped_column(UTCDateTime())
     files: Mapped[int] = mapped_column(Integer, default=0)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Feedback(Base):
+    """The physician's conclusion for a study (storage.feedback): one label per study, a
+    later one replaces it. Nothing about who entered it. No foreign key: feedback may come
+    before the study (or after housekeeping) and is kept either way."""
+
+    __tablename__ = "feedback"
+
+    study_uid: Mapped[str] = mapped_column(String(UID), primary_key=True)
+    label: Mapped[str] = mapped_column(String(64))
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class StudyProfile(Base):
+    """What went into the served model for a study and what came out (storage.drift): the
+    inputs' characteristics, written with the result; a study classified again replaces it.
+    Device attributes and sums of counts only, nothing about the patient."""
+
+    __tablename__ = "study_profiles"
+
+    study_uid: Mapped[str] = mapped_column(String(UID), ForeignKey("studies.study_uid"),
+                                           primary_key=True)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    model_version: Mapped[str] = mapped_column(Text, default="")
+    predicted_class: Mapped[str] = mapped_column(String(64), default="")
+    manufacturer: Mapped[str] = mapped_column(String(64), default="")
+    matrix: Mapped[str] = mapped_column(String(32), default="")  # rows x columns
+    pixel_spacing: Mapped[str] = mapped_column(String(32), default="")  # mm, row x column
+    views: Mapped[int] = mapped_column(Integer, default=0)
+    counts_anterior: Mapped[float | None] = mapped_column(Float, default=None)  # mean per view
+    counts_posterior: Mapped[float | None] = mapped_column(Float, default=None)
+
+
+class ModelState(StrEnum):
+    """candidate -> serving -> retired (retired -> serving again on promote or rollback)."""
+
+    CANDIDATE = "candidate"
+    SERVING = "serving"
+    RETIRED = "retired"
+
+
+class ModelVersion(Base):
+    """One registered model file and what is known about it (storage.registry: candidate
+    -> serving -> retired; at most one serving, a partial unique index keeps it so)."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        CheckConstraint("state IN ('candidate', 'serving', 'retired')", name="state"),
+        Index("uq_model_versions_one_serving", "state", unique=True,
+              sqlite_where=text("state = 'serving'"),
+              postgresql_where=text("state = 'serving'")),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(64), default="Dscint")
+    arch: Mapped[str] = mapped_column(String(64), default="dscint")
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    file_sha256: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    data_description: Mapped[str] = mapped_column(Text, default="")
+    metrics: Mapped[str] = mapped_column(Text, default="{}")
+    state: Mapped[str] = mapped_column(String(16), default=ModelState.CANDIDATE.value)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    rolled_back_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    note: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class ShadowTrial(Base):
+    """A registered version run in shadow beside the serving one (storage.shadow): at most
+    one runs at a time (a partial unique index, as for the serving model)."""
+
+    __tablename__ = "shadow_trials"
+    __table_args__ = (
+        CheckConstraint("state IN ('running', 'stopped')", name="state"),
+        Index("uq_shadow_trials_one_running", "state", unique=True,
+              sqlite_where=text("state = 'running'"),
+              postgresql_where=text("state = 'running'")),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    version: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(16), default="running")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+
+
+class ShadowResult(Base):
+    """What a shadow version said about a study, beside what the serving model said: stored,
+    never exported. `error` instead of a class when the shadow run failed."""
+
+    __tablename__ = "shadow_results"
+    __table_args__ = (
+        UniqueConstraint("study_uid", "version", name="uq_shadow_results_study_version"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(String(UID), ForeignKey("studies.study_uid"),
+                                           index=True)
+    version: Mapped[str] = mapped_column(String(64), index=True)
+    serving_version: Mapped[str] = mapped_column(Text)
+    serving_class: Mapped[str] = mapped_column(String(64))
+    predicted_class: Mapped[str | None] = mapped_column(String(64), default=None)
+    probabilities: Mapped[str] = mapped_column(Text, default="{}")
+    latency_ms: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

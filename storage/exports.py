@@ -70,14 +70,18 @@ def renew_export_claims(db: Database, prefix: str, now: datetime | None = None) 
                                   .values(heartbeat_at=when).execution_options(**NO_SYNC)))
 
 
-def export_succeeded(db: Database, export_id: int, status: int, now: datetime | None = None
-                     ) -> None:
-    """The destination acknowledged the SR: done for good."""
+def export_succeeded(db: Database, export_id: int, status: int, now: datetime | None = None,
+                     sop_class_uid: str | None = None, sop_uid: str | None = None) -> None:
+    """The destination acknowledged the SR: done for good. `sop_class_uid` and `sop_uid`:
+    what it holds (the SR re-encoded in a class it accepts has its own UID; None: as
+    stored)."""
     when = utc_now(now)
     with db.session() as s, s.begin():
         res = s.execute(update(Export).where(Export.id == export_id)
                         .values(state=ExportState.DONE.value, acked_at=when, last_status=status,
-                                last_error=None, claimed_by=None, claimed_at=None)
+                                last_error=None, claimed_by=None, claimed_at=None,
+                                delivered_sop_class_uid=sop_class_uid or None,
+                                delivered_sop_uid=sop_uid or None)
                         .execution_options(**NO_SYNC))
         if rowcount(res) != 1:
             raise LookupError(f"no export with id {export_id}")

@@ -14,11 +14,13 @@ passes `quota_bytes` the oldest copies go first. Reasons are redacted like log l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import secrets
 import shutil
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ COPY_CHUNK = 1024 * 1024  # staging copies a received file in pieces this size
 MAX_UID_LENGTH = 64
 _UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _HINT_UNSAFE_RE = re.compile(r"[^A-Za-z0-9.\-]+")
+_RECEIVER_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._\-]{0,63}-[0-9]+")  # receiver_name
 _MAX_HINT_LENGTH = 64
 # quarantine/: <stamp>_<hint>_<token>[-truncated] then .dcm or .reason.txt; the stamp sorts
 # by time, so the oldest copies are the first names
@@ -41,6 +44,9 @@ TRUNCATED_MARK = "-truncated"
 _BLOCK = 4096  # quota accounting rounds each file up to a block: tiny files still cost one
 _QUOTA_LOW_WATER = 0.9  # a trim frees down to this share of the quota (not one file per write)
 MAX_REASON_CHARS = 1000
+# a file in another machine's receiving/<name>/ unchanged this long belongs to no transfer
+# (pynetdicom writes a dataset as it arrives; an association idles out long before)
+RECEIVING_STALE_SECONDS = 3600.0
 # node/logs.py's rule for exception messages (storage cannot import node/): quoted values
 # blanked; an English possessive ("the request's") is not a quote and stays.
 _QUOTED_OR_POSSESSIVE = re.compile(r"""(?P<keep>(?<=[A-Za-z])'s\b)|b?'[^']*'?|b?"[^"]*"?""")
@@ -96,6 +102,23 @@ def sanitise_hint(hint: str) -> str:
     return cleaned or "unknown"
 
 
+def receiver_name(host: str | None = None, pid: int | None = None) -> str:
+    """A receiver process's folder under ``receiving/``: ``<host>-<pid>``, unique among the
+    receivers that share a store (several machines, several processes on one)."""
+    return f"{sanitise_hint(host or socket.gethostname())[:48]}-{pid or os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process of this machine with this id exists (signal 0 checks, sends none)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def fsync_dir(path: Path) -> None:
     """Make a directory entry change (create, rename) durable."""
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
@@ -107,6 +130,27 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _link_synced(source: Path, target: Path) -> bool:
+    """Hard-link `source` as `target` (mode 0640, like a copy) and fsync it; False (nothing
+    left at `target`) when the filesystem cannot link them, so the caller copies instead. An
+    fsync failure is raised, with the link removed."""
+    try:
+        os.link(source, target)
+    except OSError:  # EXDEV, EPERM, EMLINK, ENOTSUP...: copy instead
+        return False
+    try:
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fchmod(fd, 0o640)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return True
 
 
 class FileStore:
@@ -122,8 +166,9 @@ class FileStore:
         self.sr = self.root / "sr"
         self.quarantine_dir = self.root / "quarantine"
         self.tmp = self.root / "tmp"
-        # where the receiver process's pynetdicom writes datasets as they arrive (its files
-        # only; on the store's filesystem, so the free-disk watermark sees them)
+        # where receiver processes' pynetdicom writes datasets as they arrive, each in its
+        # own receiving/<host>-<pid>/ (on the store's filesystem, so the free-disk watermark
+        # sees them)
         self.receiving = self.root / "receiving"
         for d in (self.studies, self.quarantine_dir, self.tmp, self.sr, self.receiving):
             self._ensure_dir(d)
@@ -145,11 +190,20 @@ class FileStore:
         return path
 
     def stage(self, source: Path | bytes) -> Path:
-        """A durable copy of a received file (copied in chunks) or of bytes under ``tmp/``,
-        fsynced. It becomes an instance only by `publish`, once its row is committed, or goes
-        by `discard`: a refused or unrecorded instance leaves no file, and a re-sent SOP's
-        stored file stays as it was until then."""
+        """A durable copy of a received file or of bytes under ``tmp/``, fsynced. It becomes
+        an instance only by `publish`, once its row is committed, or goes by `discard`: a
+        refused or unrecorded instance leaves no file, and a re-sent SOP's stored file stays
+        as it was until then.
+
+        A received file (``receiving/``, same filesystem) is staged as a second name for the
+        same bytes (a hard link), not copied: its pages, written as the PDUs arrived, are
+        synced once instead of copied and synced again (issue 18). The caller never writes to
+        `source` again (pynetdicom closes and removes its name once the handler returns).
+        Where a link cannot be made (another filesystem, a filesystem without hard links)
+        the file is copied in chunks."""
         tmp_path = self.tmp / f"{secrets.token_hex(12)}{TEMP_SUFFIX}"
+        if isinstance(source, Path) and _link_synced(source, tmp_path):
+            return tmp_path
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -274,34 +328,65 @@ class FileStore:
 
     def sweep_temp(self, older_than_seconds: float = 0.0) -> int:
         """Delete temp files left by a crash or a transfer cut off mid-way; only
-        ``tmp/*.partial`` and ``receiving/*`` are ever touched.
+        ``tmp/*.partial`` and files in ``receiving/`` and its receivers' folders are ever
+        touched.
 
-        ``older_than_seconds`` lets a running node sweep without racing its own writes.
+        ``older_than_seconds`` lets a running node sweep without racing its own writes (and
+        those of receivers on other machines sharing the store).
         """
         cutoff = time.time() - older_than_seconds
         removed = 0
-        for p in [*self.tmp.glob(f"*{TEMP_SUFFIX}"), *self.receiving.glob("*")]:
-            try:
-                if p.is_file() and not p.is_symlink() and p.stat().st_mtime <= cutoff:
-                    p.unlink()
-                    removed += 1
-            except FileNotFoundError:  # finished or swept by someone else meanwhile
-                continue
+        for p in [*self.tmp.glob(f"*{TEMP_SUFFIX}"), *self.receiving.glob("*"),
+                  *self.receiving.glob("*/*")]:
+            removed += self._unlink_file(p, cutoff)
         if removed:
             log.warning("removed %d leftover temp file(s) from %s", removed, self.tmp)
         return removed
 
-    def clear_receiving(self) -> int:
-        """Delete every file under ``receiving/``: the receiver process calls it before it
-        listens (it is that directory's only writer, so whatever is there is left over)."""
+    def receiving_dir(self, name: str) -> Path:
+        """One receiver process's own folder under ``receiving/`` (created), named by
+        `receiver_name`; only its own process writes there."""
+        if not _RECEIVER_NAME_RE.fullmatch(name):
+            raise ValueError(f"not a receiver folder name: {name!r:.80}")
+        path = self.receiving / name
+        self._ensure_dir(path)
+        return path
+
+    def clear_receiving(self, own: str, stale_seconds: float = RECEIVING_STALE_SECONDS) -> int:
+        """Before a receiver listens: what dead receivers left in ``receiving/``, never what a
+        live one writes. Its own folder `own` is emptied (a process of the same name is gone);
+        another receiver of this machine whose process is gone loses its folder; elsewhere
+        (other machines, files of the layout before folders) only files unchanged for
+        `stale_seconds` go. How many files went."""
+        host = own.rsplit("-", 1)[0]
+        cutoff = time.time() - stale_seconds
         removed = 0
-        for p in self.receiving.glob("*"):
-            if p.is_file() and not p.is_symlink():
-                p.unlink(missing_ok=True)
-                removed += 1
+        for entry in sorted(self.receiving.iterdir()):
+            if not entry.is_dir() or entry.is_symlink():
+                removed += self._unlink_file(entry, cutoff)
+                continue
+            peer_host, _, pid = entry.name.rpartition("-")
+            dead = entry.name == own or (
+                peer_host == host and pid.isdigit() and not _pid_alive(int(pid)))
+            for p in list(entry.iterdir()):
+                removed += self._unlink_file(p, time.time() if dead else cutoff)
+            if dead and entry.name != own:
+                with contextlib.suppress(OSError):  # not empty: a file that is no dataset
+                    entry.rmdir()
         if removed:
             log.warning("removed %d dataset(s) left over in %s", removed, self.receiving)
         return removed
+
+    @staticmethod
+    def _unlink_file(p: Path, cutoff: float) -> int:
+        """Remove a regular file last changed at or before `cutoff`; 1 if it went."""
+        try:
+            if p.is_file() and not p.is_symlink() and p.stat().st_mtime <= cutoff:
+                p.unlink()
+                return 1
+        except FileNotFoundError:  # finished or swept by someone else meanwhile
+            pass
+        return 0
 
     def free_bytes(self) -> int:
         """Free space on the store's filesystem (for the low-disk watermark)."""

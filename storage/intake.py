@@ -12,6 +12,7 @@ views count: for the anterior/posterior completion rule, for classification and 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -20,6 +21,7 @@ from typing import cast
 from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from storage.amend import DEFAULT_WINDOW_DAYS, mark_amending
 from storage.common import (
     ANTERIOR,
     CLASSIFY,
@@ -32,8 +34,10 @@ from storage.common import (
     utc_now,
 )
 from storage.db import (
+    AE,
     CompletionReason,
     Database,
+    IgnoredCount,
     Instance,
     Job,
     JobState,
@@ -87,6 +91,8 @@ class StudyLimits:
 
     max_instances: int = 0
     max_decoded_bytes: int = 0
+    # how long after its first result a study's new views still amend it (0 = never)
+    amend_window_days: float = DEFAULT_WINDOW_DAYS
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,7 @@ class InstanceInfo:
     late: bool
     applicable: bool = True
     applicability_reason: str = ""
+    amends: bool = False  # late, but the amended result is classified with it
 
 
 def record_instance(db: Database, rec: InstanceRecord, now: datetime | None = None,
@@ -124,7 +131,8 @@ def record_instance(db: Database, rec: InstanceRecord, now: datetime | None = No
     """Record a durably written instance; commit before the SCP answers Success.
 
     Re-sent SOP UIDs update their row, instances of an already classified study are kept
-    and flagged late, and a study UID reused for another patient is refused (nothing
+    and flagged late (a new whole-body one within the amendment window also amends the
+    result: storage.amend), and a study UID reused for another patient is refused (nothing
     inserted, ``patient_mismatch``) so two patients' images never merge. Only an applicable
     instance's views count towards completion; one arriving in a study already found not
     applicable reopens it (receiving again), so a whole-body scan sent after the camera's
@@ -196,6 +204,9 @@ def _record(s: Session, rec: InstanceRecord, views: str, when: datetime,
         late, added = bool(existing.late), 0  # a re-send keeps its original late flag
     else:
         late, added = StudyState(state) in LATE_STATES, 1
+    amends = late and bool(added) and rec.applicable and mark_amending(
+        conn, rec.study_uid, rec.sop_uid, StudyState(state), when,
+        (limits or StudyLimits()).amend_window_days)
     fields = {"study_uid": rec.study_uid, "series_uid": rec.series_uid,
               "sop_class_uid": rec.sop_class_uid, "transfer_syntax_uid": rec.transfer_syntax_uid,
               "path": rec.path, "views": views, "n_frames": rec.n_frames,
@@ -203,7 +214,7 @@ def _record(s: Session, rec: InstanceRecord, views: str, when: datetime,
               "late": late, "applicable": rec.applicable, "decoded_bytes": rec.decoded_bytes,
               "applicability_reason": rec.applicability_reason}
     if existing is None:
-        conn.execute(_INSERT_INSTANCE, {"sop_uid": rec.sop_uid, **fields})
+        conn.execute(_INSERT_INSTANCE, {"sop_uid": rec.sop_uid, **fields, "amends": amends})
     else:
         conn.execute(_UPDATE_INSTANCE, {"b_sop_uid": rec.sop_uid, **fields})
     if rec.applicable:  # a spot view labelled ANT must not complete a whole-body study
@@ -365,7 +376,7 @@ def study_instances(db: Database, study_uid: str, include_not_applicable: bool =
                              sop_class_uid=i.sop_class_uid, path=i.path,
                              views=split_views(i.views), n_frames=i.n_frames, late=i.late,
                              applicable=i.applicable,
-                             applicability_reason=i.applicability_reason)
+                             applicability_reason=i.applicability_reason, amends=i.amends)
                 for i in rows]
 
 
@@ -375,3 +386,50 @@ def study_patient_keys(db: Database) -> dict[str, str | None]:
     with db.read_session() as s:
         return {uid: key for uid, key in
                 s.execute(select(Study.study_uid, Study.patient_key))}
+
+
+@dataclass(frozen=True)
+class IgnoredTotal:
+    """Instances of one SOP class answered but not kept, of one kind (see IgnoredCount)."""
+
+    sop_class_uid: str
+    kind: str
+    count: int
+    last_at: datetime
+    last_calling_ae: str
+
+
+def count_ignored(db: Database, counts: Mapping[tuple[str, str], int], calling_ae: str,
+                  now: datetime | None = None) -> None:
+    """Add one association's counts, {(SOP class UID, kind): n}, in one short transaction
+    (the receiver calls it once per association, not once per instance)."""
+    when = utc_now(now)
+    items = [(uid, kind, n) for (uid, kind), n in sorted(counts.items()) if n > 0]
+    if not items:
+        return
+
+    def attempt() -> None:
+        with db.session() as s, s.begin():
+            for uid, kind, n in items:
+                res = s.execute(update(IgnoredCount)
+                                .where(IgnoredCount.sop_class_uid == uid,
+                                       IgnoredCount.kind == kind)
+                                .values(count=IgnoredCount.count + n, last_at=when,
+                                        last_calling_ae=calling_ae[:AE])
+                                .execution_options(**NO_SYNC))
+                if rowcount(res) == 0:
+                    s.execute(insert(IgnoredCount).values(
+                        sop_class_uid=uid, kind=kind, count=n, first_at=when, last_at=when,
+                        last_calling_ae=calling_ae[:AE]))
+
+    with lock_wait_as_busy("count_ignored"):
+        retry_on_conflict(attempt, "count_ignored")
+
+
+def ignored_totals(db: Database) -> list[IgnoredTotal]:
+    """Every (SOP class, kind) count, most recent first (status, /health, /metrics)."""
+    with db.read_session() as s:
+        rows = s.execute(select(IgnoredCount).order_by(IgnoredCount.last_at.desc(),
+                                                       IgnoredCount.sop_class_uid)).scalars()
+        return [IgnoredTotal(r.sop_class_uid, r.kind, r.count, r.last_at, r.last_calling_ae)
+                for r in rows]

@@ -28,6 +28,7 @@ from sqlalchemy.sql.dml import UpdateBase
 
 from storage.common import CLASSIFY, NO_SYNC, owned_by, retry_on_conflict, rowcount, utc_now
 from storage.db import Database, Export, ExportState, Job, JobState, Result, Study, StudyState
+from storage.drift import StudyInputs, write_profile
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,11 @@ class NewResult:
     note: str | None = None
     # other objects of the result (the result image): (SOP Instance UID, file), one export each
     other_objects: tuple[tuple[str, str], ...] = ()
+    # 1, or an amended result's version and the result it replaces (storage.amend)
+    version: int = 1
+    predecessor_id: int | None = None
+    # the inputs' characteristics, profiled for drift (storage.drift); None: not profiled
+    inputs: StudyInputs | None = None
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,8 @@ def claim_job(db: Database, worker_id: str, kind: str = CLASSIFY,
         if row is None:
             return None
         s.execute(update(Study).where(Study.study_uid == row.study_uid)
-                  .values(state=StudyState.CLASSIFYING.value).execution_options(**NO_SYNC))
+                  .values(state=StudyState.CLASSIFYING.value, amend_pending=False)
+                  .execution_options(**NO_SYNC))  # this attempt reads every view in so far
     return ClaimedJob(job_id=row.id, study_uid=row.study_uid, attempts=row.attempts)
 
 
@@ -254,6 +261,9 @@ def store_result(db: Database, r: NewResult, destination: str, now: datetime | N
                     (done := _done_job_result(s, r.job_id, r.sr_sop_uid)) is not None:
                 return done
             result_id = _ensure_result(s, r, when)
+            if r.inputs is not None:
+                write_profile(s, r.study_uid, r.inputs, r.predicted_class, r.model_version,
+                              when)
             export_id = _ensure_export(s, r, result_id, destination, when)
             for sop_uid, path in r.other_objects:  # after the SR: it goes first
                 _ensure_export(s, r, result_id, destination, when, sop_uid, path)
@@ -297,7 +307,8 @@ def _ensure_result(s: Session, r: NewResult, when: datetime) -> int:
                  per_view=json.dumps({k: dict(v) for k, v in r.per_view.items()},
                                      sort_keys=True),
                  sr_sop_uid=r.sr_sop_uid, sr_series_uid=r.sr_series_uid, sr_path=r.sr_path,
-                 created_at=when, note=r.note)
+                 created_at=when, note=r.note, version=r.version,
+                 predecessor_id=r.predecessor_id)
     s.add(row)
     s.flush()
     return row.id

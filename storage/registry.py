@@ -1,7 +1,7 @@
 """Model registry: every trained model, which one is served, and how to go back.
 
-Rows live in the queue database (``storage.db.Base``, so ``Database.create_all`` creates the
-table) and model files are copied under ``<storage root>/models/<version>.pt``. A version is
+Rows live in the queue database (``storage.db.ModelVersion``, with the other tables) and
+model files are copied under ``<storage root>/models/<version>.pt``. A version is
 ``candidate`` when registered, ``serving`` once promoted (at most one: a partial unique index
 keeps it so even with two promoters racing) and ``retired`` after another took its place.
 Rollback re-serves the version promoted before the current one and marks the current one as
@@ -9,6 +9,10 @@ rolled back, so a second rollback walks further back instead of toggling.
 
 This module knows nothing of TorchScript: callers hand in the version, weights sha256 and
 metrics they read from the model file; the registry checks the copy by its file sha256.
+The weights sha256 does not cover a TorchScript file's code (a file with the same weights and
+another forward has the same weights hash), so a node checks the whole file's sha256
+(`verify_model_file`) before anything deserialises it, and loads only from the models
+directory.
 """
 
 from __future__ import annotations
@@ -19,18 +23,18 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import CheckConstraint, Index, Integer, String, Text, select, text, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
-from storage.db import Base, Database, UTCDateTime
+from storage.db import Database, ModelState, ModelVersion
 from storage.filestore import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -40,44 +44,30 @@ _VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
 _CHUNK = 1 << 20
 
 
-class ModelState(StrEnum):
-    """candidate -> serving -> retired (retired -> serving again on promote or rollback)."""
-
-    CANDIDATE = "candidate"
-    SERVING = "serving"
-    RETIRED = "retired"
-
-
 class RegistryError(Exception):
     """A registry operation cannot be done (unknown version, nothing to roll back to...)."""
 
 
-class ModelVersion(Base):
-    """One registered model file and what is known about it."""
+class ModelFileMismatch(RegistryError):
+    """A version's file is not the one registered: other bytes, or another place."""
 
-    __tablename__ = "model_versions"
-    __table_args__ = (
-        CheckConstraint("state IN ('candidate', 'serving', 'retired')", name="state"),
-        Index("uq_model_versions_one_serving", "state", unique=True,
-              sqlite_where=text("state = 'serving'"),
-              postgresql_where=text("state = 'serving'")),
-    )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    version: Mapped[str] = mapped_column(String(64), unique=True)
-    name: Mapped[str] = mapped_column(String(64), default="Dscint")
-    arch: Mapped[str] = mapped_column(String(64), default="dscint")
-    weights_sha256: Mapped[str] = mapped_column(String(64))
-    file_sha256: Mapped[str] = mapped_column(String(64))
-    path: Mapped[str] = mapped_column(Text)
-    data_description: Mapped[str] = mapped_column(Text, default="")
-    metrics: Mapped[str] = mapped_column(Text, default="{}")
-    state: Mapped[str] = mapped_column(String(16), default=ModelState.CANDIDATE.value)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
-    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
-    rolled_back_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
-    note: Mapped[str | None] = mapped_column(Text, default=None)
+@dataclass(frozen=True)
+class VerifiedFile:
+    """A model file whose bytes matched the registry, and what identifies those bytes on
+    disk: `unchanged()` after loading tells that nothing replaced or rewrote the file
+    between the check and the load."""
+
+    path: Path
+    sha256: str
+    identity: tuple[int, int, int, int]  # device, inode, size, mtime (ns)
+
+    def unchanged(self) -> bool:
+        """True when the file is still the one that was hashed."""
+        try:
+            return _identity(self.path) == self.identity
+        except OSError:
+            return False
 
 
 @dataclass(frozen=True)
@@ -131,6 +121,45 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def verify_model_file(root: Path, rec: ModelRecord) -> VerifiedFile:
+    """The version's file, checked before anything loads it: it must be the registry's own
+    copy (<root>/models/<version>.pt, no symbolic link) and its bytes must hash to the
+    recorded file sha256. ModelFileMismatch names what differs."""
+    path = model_file_path(root, rec.version)
+    models = (root / MODELS_DIR).resolve()
+    if path.is_symlink() or path.resolve().parent != models \
+            or Path(rec.path).resolve() != path.resolve():
+        raise ModelFileMismatch(f"model {rec.version}: {rec.path} is not the registry's copy "
+                                f"{path}; only files in {models} are loaded")
+    try:
+        with path.open("rb") as fh:
+            before = os.fstat(fh.fileno())
+            digest = hashlib.sha256()
+            while chunk := fh.read(_CHUNK):
+                digest.update(chunk)
+    except OSError as exc:
+        raise ModelFileMismatch(f"model {rec.version}: cannot read {path}: {exc}") from exc
+    sha = digest.hexdigest()
+    if sha != rec.file_sha256:
+        raise ModelFileMismatch(f"model {rec.version}: {path} has file sha256 {sha[:12]}, "
+                                f"the registry recorded {rec.file_sha256[:12]}: refused")
+    return VerifiedFile(path, sha, (before.st_dev, before.st_ino, before.st_size,
+                                    before.st_mtime_ns))
+
+
+def find_by_file_sha256(db: Database, sha256: str) -> ModelRecord | None:
+    """The version registered with exactly these bytes, if any (the oldest)."""
+    with db.read_session() as s:
+        row = s.execute(select(ModelVersion).where(ModelVersion.file_sha256 == sha256)
+                        .order_by(ModelVersion.id).limit(1)).scalar_one_or_none()
+        return _record(row) if row is not None else None
+
+
 def validate_version(version: str) -> str:
     """Versions become file names: letters, digits, '.', '_', '-' only, at most 64."""
     if not _VERSION_RE.fullmatch(version):
@@ -147,12 +176,17 @@ def model_file_path(root: Path, version: str) -> Path:
 def _durable_copy(src: Path, dest: Path) -> str:
     """Copy via temp file + fsync + rename; returns the sha256 of what was written."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.partial")
-    with src.open("rb") as fin, tmp.open("wb") as fout:
-        shutil.copyfileobj(fin, fout, _CHUNK)
-        fout.flush()
-        os.fsync(fout.fileno())
-    tmp.replace(dest)
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
+    tmp = Path(name)  # a name of its own: two processes registering at once never share it
+    try:
+        with src.open("rb") as fin, os.fdopen(fd, "wb") as fout:
+            shutil.copyfileobj(fin, fout, _CHUNK)
+            fout.flush()
+            os.fsync(fout.fileno())
+        tmp.replace(dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(dest.parent)
     return file_sha256(dest)
 

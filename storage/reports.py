@@ -52,6 +52,7 @@ class StudySummary:
     applicability_reason: str | None = None
     # the latest result's per-class probabilities (listed also when it is "indeterminate")
     probabilities: dict[str, float] | None = None
+    result_version: int | None = None  # 1, or an amended result's version (storage.amend)
 
 
 @dataclass(frozen=True)
@@ -76,19 +77,20 @@ def study_summaries(db: Database, limit: int | None = None) -> list[StudySummary
                      .group_by(Export.result_id).subquery())
     stmt = (select(Study, Result.predicted_class, Result.model_version, Export.state,
                    Export.attempts, Export.next_attempt_at, Export.last_error, Export.acked_at,
-                   Result.probabilities)
+                   Result.probabilities, Result.version)
             .outerjoin(latest_result, latest_result.c.study_uid == Study.study_uid)
             .outerjoin(Result, Result.id == latest_result.c.rid)
             .outerjoin(latest_export, latest_export.c.result_id == Result.id)
             .outerjoin(Export, Export.id == latest_export.c.eid)
             .order_by(Study.first_seen_at.desc(), Study.study_uid).limit(limit))
     with db.read_session() as s:
-        return [_summary(*row) for row in s.execute(stmt).all()]
+        return [_summary(*row[:9], version=row[9]) for row in s.execute(stmt).all()]
 
 
 def _summary(st: Study, predicted: str | None, model: str | None, export_state: str | None,
              attempts: int | None, next_at: datetime | None, error: str | None,
-             acked: datetime | None, probabilities: str | None = None) -> StudySummary:
+             acked: datetime | None, probabilities: str | None = None,
+             version: int | None = None) -> StudySummary:
     """One row as plain data, states as enums (the CHECK constraints keep them valid)."""
     views = [v for v, present in ((ANTERIOR, st.has_anterior), (POSTERIOR, st.has_posterior))
              if present]
@@ -102,7 +104,8 @@ def _summary(st: Study, predicted: str | None, model: str | None, export_state: 
         export_attempts=attempts, next_attempt_at=next_at, last_error=error,
         last_instance_at=st.last_instance_at, acked_at=acked, first_seen_at=st.first_seen_at,
         completed_at=st.completed_at, applicability_reason=st.applicability_reason,
-        probabilities=None if probabilities is None else json.loads(probabilities))
+        probabilities=None if probabilities is None else json.loads(probabilities),
+        result_version=version)
 
 
 def queue_depth(db: Database) -> dict[str, int]:

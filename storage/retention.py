@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PurgeCandidates:
     """What a purge of one study may delete: instances received before the cutoff and the
-    study's SR files (each file is still checked against the cutoff before it goes)."""
+    study's result files, SRs and the other objects sent beside them (result image, PDF
+    report); each file is still checked against the cutoff before it goes."""
 
     instances: tuple[tuple[str, str], ...]  # (SOP instance UID, path)
-    sr_paths: tuple[str, ...]
+    sr_paths: tuple[str, ...]  # every result object's file, the SRs first
 
 
 def purgeable_studies(db: Database, cutoff: datetime, limit: int) -> list[str]:
@@ -54,7 +55,7 @@ def purgeable_studies(db: Database, cutoff: datetime, limit: int) -> list[str]:
 
 
 def purge_candidates(db: Database, study_uid: str, cutoff: datetime) -> PurgeCandidates:
-    """The study's instances received before ``cutoff`` and all its SR files."""
+    """The study's instances received before ``cutoff`` and all its result files."""
     cutoff = utc_now(cutoff)
     with db.read_session() as s:
         instances = s.execute(select(Instance.sop_uid, Instance.path)
@@ -62,8 +63,12 @@ def purge_candidates(db: Database, study_uid: str, cutoff: datetime) -> PurgeCan
                                      Instance.received_at < cutoff)).all()
         srs = s.execute(select(Result.sr_path).where(Result.study_uid == study_uid)
                         ).scalars().all()
+        others = s.execute(select(Export.object_path)
+                           .where(Export.study_uid == study_uid, Export.object_path.is_not(None))
+                           .order_by(Export.id)).scalars().all()
+    paths = [*srs, *(p for p in others if p is not None)]
     return PurgeCandidates(instances=tuple((sop, path) for sop, path in instances),
-                           sr_paths=tuple(srs))
+                           sr_paths=tuple(dict.fromkeys(paths)))
 
 
 def record_purge(db: Database, study_uid: str, sop_uids: list[str], cutoff: datetime,

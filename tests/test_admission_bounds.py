@@ -199,7 +199,7 @@ def _quarantined(s: Served, sop: str) -> list[Path]:
 def _partials(s: Served) -> list[Path]:
     """Staged copies and received datasets still lying about (none once a C-STORE is
     answered)."""
-    return [*(s.root / "tmp").glob("*.partial"), *(s.root / "receiving").glob("*")]
+    return [*(s.root / "tmp").glob("*.partial"), *(s.root / "receiving").glob("*/*")]
 
 
 def _assert_refused(s: Served, sop: str, status: int | None, expected: int, *words: str
@@ -483,23 +483,25 @@ def test_a_transfer_cut_off_midway_leaves_no_file(served: Served) -> None:
     receiving = served.root / "receiving"
     sender = subprocess.Popen([sys.executable, "-c", SENDER, str(served.port), str(path)])
     try:
-        partial = wait_for(lambda: next(iter(receiving.glob("*")), None), 60,
+        partial = wait_for(lambda: next(iter(receiving.glob("*/*")), None), 60,
                            "the receiver to start writing the dataset", interval=0.002)
         sender.send_signal(signal.SIGSTOP)  # mid-transfer: 48 MiB take a while
         assert partial.stat().st_size < path.stat().st_size
     finally:
         sender.kill()
         sender.wait()
-    wait_for(lambda: not list(receiving.glob("*")), 30, "the partial dataset to be removed")
+    wait_for(lambda: not list(receiving.glob("*/*")), 30, "the partial dataset to be removed")
     assert served.log_lines("association with AE CUT_CAM closed during a C-STORE; its partial "
                             "dataset (")
     _assert_still_serving(served)
 
 
 def test_leftover_datasets_are_swept(tmp_path: Path) -> None:
-    """What a killed receiver left: cleared when a receiver starts, swept by housekeeping."""
+    """What a killed receiver left: cleared when a receiver of the same name starts (its
+    folder), swept by housekeeping (by age). tests/test_roles.py: receivers sharing a store."""
     files = FileStore(tmp_path)
-    old, new = files.receiving / "tmpold.dcm", files.receiving / "tmpnew.dcm"
+    mine = files.receiving_dir("host-1")
+    old, new = mine / "tmpold.dcm", mine / "tmpnew.dcm"
     for p in (old, new):
         p.write_bytes(b"x")
     past = time.time() - 7200
@@ -508,8 +510,8 @@ def test_leftover_datasets_are_swept(tmp_path: Path) -> None:
     keep.write_bytes(b"kept")
     assert files.sweep_temp(older_than_seconds=3600) == 1
     assert not old.exists() and new.exists()
-    assert files.clear_receiving() == 1
-    assert not list(files.receiving.iterdir()) and keep.read_bytes() == b"kept"
+    assert files.clear_receiving("host-1") == 1
+    assert not list(mine.iterdir()) and keep.read_bytes() == b"kept"
 
 
 # --- memory under hostile load -----------------------------------------------------------------

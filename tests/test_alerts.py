@@ -159,7 +159,8 @@ def test_dead_letter_and_degraded_from_a_running_node(tmp_path: Path, untrained_
                       export={"max_attempts": 2, "backoff_base_seconds": 0.1,
                               "backoff_cap_seconds": 0.2},
                       alerts={"urls": [hook.url], "health_check_seconds": 0.2,
-                              "backoff_seconds": 0.05})
+                              "backoff_seconds": 0.05},
+                      results={"image": False, "pdf": False})  # the SR alone: one dead letter
     paths = write_study(generate_study("normal", seed=31), tmp_path / "out",
                         DicomLayout.MULTIFRAME)
     ds = dcmread(paths[0], stop_before_pixels=True)

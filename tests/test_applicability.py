@@ -48,7 +48,7 @@ from node.dicom.codes import ACCEPTED_SOP_CLASSES, NM_IMAGE_STORAGE, SC_IMAGE_ST
 from node.dicom.pixels import accepted_transfer_syntaxes
 from node.dicom.status import Status
 from node.export.scu import Destination
-from node.ops.status import health_summary, status_table
+from node.ops.status import WIDE_WIDTH, health_summary, status_table
 from node.receive.handlers import StoreContext, handle_store
 from node.service.health import health_report, metrics_text, summary_line
 from node.service.node import Node
@@ -389,10 +389,15 @@ def http_get(url: str) -> tuple[int, str]:
 
 
 def referenced_sops(sr: Dataset) -> set[str]:
+    """The source instances the SR references (not the result image, its "Best illustration
+    of finding", DCM 121080)."""
     found: set[str] = set()
 
     def walk(items: object) -> None:
         for item in items or []:  # type: ignore[attr-defined]
+            names = item.get("ConceptNameCodeSequence", [])
+            if names and names[0].CodeValue == "121080":
+                continue
             for ref in item.get("ReferencedSOPSequence", []):
                 found.add(str(ref.ReferencedSOPInstanceUID))
             walk(item.get("ContentSequence", []))
@@ -432,7 +437,7 @@ def test_node_stores_non_whole_body_study_never_classifies_it_and_shows_why(
         # no SR ever reached PACS for the study that was not applicable
         assert set(pacs.by_study()) == {mixed}
         # the operator sees it: status table and health line, /health and /metrics
-        console = Console(record=True, width=400)
+        console = Console(record=True, width=WIDE_WIDTH)  # as `status --wide` prints it
         console.print(status_table(cfg))
         table = console.export_text()
         assert "not_applicable" in table and "NM Image Type STATIC" in table

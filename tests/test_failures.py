@@ -255,7 +255,7 @@ def test_start_up_falls_back_from_a_registry_model_that_does_not_dry_run(
     raising = _raising_model(tmp_path / "in" / "raises.pt")
     _register_and_promote(db, root, raising, "raises-1")
     with caplog.at_level(logging.ERROR, logger="node.service.models"):
-        holder = ModelHolder(db, untrained_model)
+        holder = ModelHolder(db, untrained_model, root)
     assert holder.version is None  # [model].path serves
     assert holder.current().metadata.version == "test-0"
     line, = [r.getMessage() for r in caplog.records if "raises-1" in r.getMessage()]
@@ -336,7 +336,7 @@ def test_unreadable_stored_sr_is_dead_lettered_with_the_reason(tmp_path: Path,
             row = wait_study(n.db, uid, "the export dead-lettered", export_state="dead")
             assert row.last_error is not None
             assert row.last_error.startswith(f"cannot read stored SR {sr_path.name}")
-            assert len(back.received) == 0
+            assert len(back.srs) == 0  # the result image and the PDF go on their own
         finally:
             back.stop()
 

@@ -131,6 +131,10 @@ def _check(s: Served, case: hostile.HostileInput) -> int | None:
     assert expected_answer(case.expect, status), f"{case.name}: 0x{status:04X}"
     if case.status is not None:
         assert status == case.status, f"{case.name}: 0x{status:04X}, not 0x{case.status:04X}"
+    if case.expect is hostile.Expect.IGNORE:  # Success, and nothing kept
+        assert not _stored(s, case.sop_uid), f"{case.name}: ignored yet stored"
+        assert not list((s.root / "quarantine").glob(f"*_{case.sop_uid}_*")), case.name
+        return status
     if status == 0:
         assert _stored(s, case.sop_uid), case.name
         return status

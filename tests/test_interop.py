@@ -23,8 +23,10 @@ from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
 from node.classify.sr import read_result
 from node.config import Config
+from node.dicom.objects import object_kind
 from node.service.node import Node
-from storage.reports import StudySummary, study_summaries
+from storage.objects import result_objects
+from storage.reports import StudySummary, queue_depth, study_summaries
 from tests.support.interop import (
     COMPREHENSIVE_3D_SR,
     REPO_ROOT,
@@ -104,8 +106,10 @@ def _exported(node: Node, study_uid: str, states: Sequence[str] = ("done",)) -> 
 
 
 def _node_sr(node: Node, study_uid: str) -> Path:
-    """The one SR file the node stored for the study under storage root `sr/`."""
-    files = sorted((node.cfg.storage_root / "sr" / study_uid).glob("*.dcm"))
+    """The one SR file the node stored for the study under storage root `sr/` (the result
+    image and the PDF report lie beside it)."""
+    files = sorted(p for p in (node.cfg.storage_root / "sr" / study_uid).glob("*.dcm")
+                   if object_kind(p) == "SR")
     assert len(files) == 1, files
     return files[0]
 
@@ -154,7 +158,9 @@ def _camera_to_node_and_orthanc(node: Node, orthanc: Orthanc, paths: Sequence[Pa
     assert len(orthanc.study_ids(study_uid)) == 1, orthanc.log_tail()
     instances = orthanc.study_instances(study_uid)
     srs = [i for i in instances if i.sop_class_uid == COMPREHENSIVE_3D_SR]
-    images = {i.sop_instance_uid for i in instances if i not in srs}
+    ours = {o.sop_uid for o in result_objects(node.db)[study_uid]}  # SR, image, PDF
+    images = {i.sop_instance_uid for i in instances
+              if i not in srs and i.sop_instance_uid not in ours}
     assert images == {str(s.SOPInstanceUID) for s in sources}
     assert len(srs) == 1 and srs[0].modality == "SR", instances
     assert srs[0].series_instance_uid not in {str(s.SeriesInstanceUID) for s in sources}
@@ -219,8 +225,8 @@ def test_storescp_receives_the_sr_bytes_the_node_stored(tmp_path: Path, untraine
         study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
         _exported(node, study_uid)
         stored = _node_sr(node, study_uid)
-    received = storescp.received()
-    assert len(received) == 1, received
+    received = [p for p in storescp.received() if object_kind(p) == "SR"]
+    assert len(received) == 1, received  # the image and the PDF: tests/test_interop_results
     got, ours = dcmread(received[0]), dcmread(stored)
     assert got.SOPInstanceUID == ours.SOPInstanceUID
     assert got.file_meta.TransferSyntaxUID == ours.file_meta.TransferSyntaxUID
@@ -250,23 +256,28 @@ def test_refusing_orthanc_dead_letters_then_resend_delivers_once(
             assert pacs.sr_instances(study_uid) == []
             pacs.restart(modalities={"camera": (CAMERA, "127.0.0.1", 104),
                                      "dscint": (NODE_AE, "127.0.0.1", node.port)})
-            _resend(cfg, tmp_path / "config.toml")
+            wait_for(lambda: queue_depth(node.db)["dead_exports"] == 3, EXPORT_SECONDS,
+                     "the SR, the result image and the PDF report dead-lettered")
+            _resend(cfg, tmp_path / "config.toml", 3)  # `resend` covers every object
             _exported(node, study_uid)
             srs = wait_for(lambda: pacs.sr_instances(study_uid), EXPORT_SECONDS, "the SR")
             assert len(srs) == 1 and srs[0].modality == "SR", srs
             assert srs[0].sop_instance_uid == str(dcmread(_node_sr(node, study_uid))
                                                   .SOPInstanceUID)
             check_sr(_node_sr(node, study_uid))
+            wait_for(lambda: all(o.state == "done" for o in result_objects(node.db)[study_uid]),
+                     EXPORT_SECONDS, "the result image and the PDF report delivered too")
         assert len(pacs.sr_instances(study_uid)) == 1
-        assert len(pacs.get("/instances")) == 2  # the image and one SR, no duplicate
+        # the camera's image, one SR, the result image, the PDF report: no duplicate
+        assert len(pacs.get("/instances")) == 4
     finally:
         pacs.stop()
 
 
-def _resend(cfg: Config, toml_path: Path) -> None:
+def _resend(cfg: Config, toml_path: Path, expected: int) -> None:
     """`python -m node resend --config` as an admin runs it, against the live node's DB."""
     toml_path.write_text(config_toml(cfg))
     done = subprocess.run([sys.executable, "-m", "node", "resend", "--config", str(toml_path)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "re-queued 1 " in done.stdout, done.stdout
+    assert f"re-queued {expected} " in done.stdout, done.stdout

@@ -38,7 +38,8 @@ def test_receiver_process_counts_reach_the_one_endpoint(tmp_path: Path, untraine
                                                         pacs: PacsStandIn) -> None:
     port = free_port()
     cfg = node_config(tmp_path / "node", untrained_model, pacs.port,
-                      node={"receiver_process": True}, health={"port": port})
+                      node={"receiver_process": True}, health={"port": port},
+                      results={"image": False, "pdf": False})  # one export: counts exact
     paths = write_study(generate_study("normal", seed=11), tmp_path / "out",
                         DicomLayout.MULTIFRAME)
     with Node(cfg) as n:

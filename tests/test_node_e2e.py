@@ -117,7 +117,7 @@ def test_real_ge_files_accepted_and_classified(tmp_path: Path, untrained_model: 
                              export_state="done")
             assert row.state == "classified", f.name
             assert row.completion_reason == "quiet" and row.export_state == "done", f.name
-    assert len(pacs.received) == 11
+    assert len(pacs.srs) == 11  # one SR per file (the image and PDF are counted apart)
 
 
 def test_restart_mid_study_loses_nothing(tmp_path: Path, untrained_model: Path,
@@ -195,7 +195,7 @@ def test_two_workers_never_classify_a_study_twice(tmp_path: Path, untrained_mode
         jobs = wait_for(finished_jobs, 30, "every classify job to finish")
         assert len(jobs) == n_studies
         assert all(j.state == "done" and j.attempts == 1 for j in jobs)
-    assert sorted(str(r.dataset.StudyInstanceUID) for r in pacs.received) == sorted(uids)
+    assert sorted(str(r.dataset.StudyInstanceUID) for r in pacs.srs) == sorted(uids)
 
 
 def test_pacs_down_then_back_delivers_exactly_once(tmp_path: Path, untrained_model: Path) -> None:
@@ -218,7 +218,7 @@ def test_pacs_down_then_back_delivers_exactly_once(tmp_path: Path, untrained_mod
         try:
             wait_sr(back, uid)
             wait_study(n.db, uid, "export recorded as done", export_state="done")
-            assert len(back.received) == 1  # and nothing more will be sent: the export is done
+            assert len(back.srs) == 1  # and nothing more will be sent: the export is done
         finally:
             back.stop()
 
@@ -233,16 +233,16 @@ def test_refusing_pacs_dead_letters_and_resend_delivers_once(tmp_path: Path,
             st = generate_study("normal", seed=11)
             paths = write_study(st, tmp_path / "out", DicomLayout.MULTIFRAME)
             assert send_paths(paths, dest(n), CALLER) == [0]
-            wait_for(lambda: queue_depth(n.db).get("dead_exports", 0) >= 1, 20,
-                     "the refused export to be dead-lettered")
+            wait_for(lambda: queue_depth(n.db).get("dead_exports", 0) >= 3, 20,
+                     "the refused exports (SR, image, PDF) to be dead-lettered")
             row = study_summaries(n.db)[0]
             assert row.export_state == "dead" and "0xA900" in (row.last_error or "")
             pacs.refuse_status = None
-            assert requeue_dead_exports(n.db) == 1
+            assert requeue_dead_exports(n.db) == 3
             n._export.set()
-            assert pacs.wait_for(1, timeout=20)
+            assert pacs.wait_for(3, timeout=20, sop_classes=None)
             wait_study(n.db, row.study_uid, "export recorded as done", export_state="done")
-            assert len(pacs.received) == 1
+            assert len(pacs.srs) == 1 and len(pacs.received) == 3  # each object once
     finally:
         pacs.stop()
 

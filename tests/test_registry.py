@@ -9,10 +9,12 @@ import pytest
 
 from storage.db import Database
 from storage.registry import (
+    ModelFileMismatch,
     ModelState,
     NewModel,
     RegistryError,
     file_sha256,
+    find_by_file_sha256,
     get_model,
     list_models,
     model_file_path,
@@ -20,6 +22,7 @@ from storage.registry import (
     register_model,
     rollback,
     serving_model,
+    verify_model_file,
 )
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -114,3 +117,23 @@ def test_promoting_the_serving_version_is_a_no_op(db: Database, tmp_path: Path) 
     first = promote(db, "v1")
     again = promote(db, "v1")
     assert first.promoted_at == again.promoted_at and again.state == "serving"
+
+
+def test_a_version_is_found_by_its_bytes_and_its_file_checked_by_them(db: Database,
+                                                                        tmp_path: Path) -> None:
+    """The whole-file sha256 is what identifies and guards a file (the weights hash the
+    caller hands in does not cover a TorchScript file's code)."""
+    root = tmp_path / "store"
+    _register(db, root, tmp_path, "v1")
+    rec = get_model(db, "v1")
+    found = find_by_file_sha256(db, file_sha256(model_file_path(root, "v1")))
+    assert found is not None and found.version == "v1"
+    assert find_by_file_sha256(db, "0" * 64) is None
+    checked = verify_model_file(root, rec)
+    assert checked.sha256 == rec.file_sha256 and checked.unchanged()
+    model_file_path(root, "v1").write_bytes(b"weights of v1 but other code")
+    assert not checked.unchanged()
+    with pytest.raises(ModelFileMismatch, match=r"file sha256 .* the registry recorded"):
+        verify_model_file(root, rec)
+    with pytest.raises(ModelFileMismatch, match="only files in"):
+        verify_model_file(tmp_path / "another-root", rec)

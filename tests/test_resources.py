@@ -36,7 +36,7 @@ from storage.exports import claim_export, export_failed, export_succeeded
 from storage.filestore import FileStore
 from storage.intake import InstanceRecord, mark_complete, record_instance
 from storage.jobs import NewResult, claim_job, finish_job, store_result
-from storage.reports import StudySummary, study_summaries
+from storage.reports import StudySummary, queue_depth, study_summaries
 from tests.support.net import free_port
 from tests.support.nodeproc import write_config
 from tests.support.wait import wait_for
@@ -276,6 +276,7 @@ class PickyPacs(PacsStandIn):
 
 TRANSIENT = (0xA700, 0xA7FE, 0x0110)  # out of resources, processing failure: retried
 PERMANENT = (0xA900, 0xC000, 0xC211, 0x0122, 0x0124)  # dead-lettered at the first answer
+OBJECTS = 3  # per result: the SR, the result image, the PDF report ([results] defaults)
 
 
 def test_pacs_status_classes_status_table_and_resend(tmp_path: Path,
@@ -302,7 +303,8 @@ def test_pacs_status_classes_status_table_and_resend(tmp_path: Path,
                 warned = r.get(by_status[0xB000])
                 return all(x is not None and x.export_state == "dead" for x in dead) and \
                     all(x is not None and (x.export_attempts or 0) >= 2 for x in retried) and \
-                    warned is not None and warned.export_state == "done"
+                    warned is not None and warned.export_state == "done" and \
+                    queue_depth(n.db)["dead_exports"] == OBJECTS * len(PERMANENT)
 
             wait_for(settled, 60, "each PACS status to be retried, dead-lettered or stored")
             r = rows()
@@ -320,13 +322,18 @@ def test_pacs_status_classes_status_table_and_resend(tmp_path: Path,
             assert "pending" in line or "sending" in line
             assert "0xA700" in line and "failed (transient)" in line
             pacs.refusals.clear()  # PACS fixed
-            assert f"re-queued {len(PERMANENT)} dead-lettered" in _cli("resend", "--config",
-                                                                       str(path))
+            # `resend` re-queues every dead object: SR, result image and PDF of each study
+            assert f"re-queued {OBJECTS * len(PERMANENT)} dead-lettered" in _cli(
+                "resend", "--config", str(path))
             wait_for(lambda: len(pacs.by_study()) == len(statuses), 60,
                      "an SR of every study at PACS")
             # exactly once: nothing more is sent once every export is recorded as done
             wait_for(lambda: all(x.export_state == "done" for x in rows().values()), 30,
                      "every export recorded as done")
+            wait_for(lambda: sum(queue_depth(n.db)[k] for k in ("pending_exports",
+                                                                "sending_exports",
+                                                                "dead_exports")) == 0,
+                     30, "the result images and PDF reports delivered too")
         assert all(len(v) == 1 for v in pacs.by_study().values())  # exactly once each
         assert "health: ok" in _cli("status", "--config", str(path))
     finally:

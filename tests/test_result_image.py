@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import torch
 from pydicom import Dataset, dcmread
-from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, generate_uid
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Comprehensive3DSRStorage
 from sqlalchemy import select
 from torch import nn
 
@@ -185,6 +184,7 @@ def test_worker_sends_sr_and_image_each_once_and_the_sr_references_the_image(
     port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False,
                              evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert server is not None
     try:
         for _ in range(2):
             claimed = claim_export(db, "test:e0")

@@ -4,11 +4,17 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from pydicom import dcmread
 from sqlalchemy import select, text
 
@@ -18,6 +24,8 @@ from node.demo.pacs_standin import PacsStandIn
 from node.export.scu import Destination
 from node.service.node import Node, Role
 from storage.db import Database, Instance, Job
+from storage.filestore import FileStore, receiver_name
+from storage.notify import notify_work, supports_notify
 from storage.reports import queue_depth
 from tests.support.net import NODE_AE
 from tests.support.nodes import CALLER, dest, node_config, wait_sr
@@ -51,6 +59,79 @@ def test_receiver_needs_no_model_and_worker_no_port(tmp_path: Path, untrained_mo
         assert echo(Destination(NODE_AE, "127.0.0.1", receiver.port), CALLER) == 0
 
 
+def test_the_receive_role_never_loads_torch(tmp_path: Path, pacs: PacsStandIn) -> None:
+    """`python -m node receive` stores a study without mapping libtorch (nor the model: its
+    file does not even exist); this test's process, which imported torch, maps it."""
+    assert torch.__version__  # imported here, so the last assertion can hold
+    rec = RoleProc.make("receive", tmp_path, "receive", database=f"sqlite:///{tmp_path}/q.db",
+                        model=tmp_path / "no-such-model.pt", pacs_port=pacs.port,
+                        root=tmp_path / "store")
+    try:
+        rec.start()
+        (_, paths), = phantom_studies(tmp_path / "studies", 1)
+        assert send_paths(paths, Destination(NODE_AE, "127.0.0.1", rec.port), CALLER) == [0, 0]
+        maps = Path(f"/proc/{rec.pid}/maps").read_text()
+        assert "_sqlite3" in maps  # the maps list the extension modules it loaded
+        assert "libtorch" not in maps
+    finally:
+        rec.stop()
+    assert "libtorch" in Path(f"/proc/{os.getpid()}/maps").read_text()  # the check can fail
+
+
+def _dead_pid() -> int:
+    """The id of a process of this machine that has ended."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def _aged(path: Path, seconds: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    past = time.time() - seconds
+    os.utime(path, (past, past))
+    return path
+
+
+def test_receiver_folder_names_stay_inside_the_store(tmp_path: Path) -> None:
+    files = FileStore(tmp_path)
+    long = receiver_name("h" * 80 + "/..", 7)
+    assert files.receiving_dir(long).parent == files.receiving and long.endswith("-7")
+    for bad in ("..", "../x-1", "a/b-1", "-1", "host", ""):
+        with pytest.raises(ValueError, match="not a receiver folder name"):
+            files.receiving_dir(bad)
+
+
+def test_a_starting_receiver_clears_only_what_dead_receivers_left(
+        tmp_path: Path, untrained_model: Path, pacs: PacsStandIn) -> None:
+    """Receivers sharing a store: each writes in flight to receiving/<host>-<pid>/. One that
+    starts removes its own leftovers, the folders of this host's dead receivers and, on other
+    machines' folders, files an hour old; a live receiver's transfer (here or elsewhere)
+    stays. Then it receives into its own folder."""
+    root = tmp_path / "store"
+    receiving = root / "receiving"
+    host = receiver_name().rsplit("-", 1)[0]
+    dead = receiving / f"{host}-{_dead_pid()}"
+    live_here = _aged(receiving / receiver_name() / "live.dcm", 0)  # this process is alive
+    live_there = _aged(receiving / "otherhost-77" / "inflight.dcm", 0)
+    stale_there = _aged(receiving / "otherhost-78" / "stale.dcm", 7200)
+    legacy_new, legacy_old = _aged(receiving / "tmpnew.dcm", 0), _aged(receiving / "tmpold.dcm",
+                                                                       7200)
+    _aged(dead / "halfway.dcm", 0)
+    cfg = node_config(root, untrained_model, pacs.port, node={"receiver_process": True})
+    with Node(cfg, role=Role.RECEIVE) as receiver:
+        pid = receiver.receiver_pid
+        assert pid is not None
+        assert not dead.exists() and not stale_there.exists() and not legacy_old.exists()
+        assert live_here.exists() and live_there.exists() and legacy_new.exists()
+        own = receiving / receiver_name(socket.gethostname(), pid)
+        assert own.is_dir() and not list(own.iterdir())
+        (_, paths), = phantom_studies(tmp_path / "studies", 1)
+        assert send_paths(paths, dest(receiver), CALLER) == [0, 0]
+        assert not list(own.iterdir())  # each dataset left its folder once stored
+    assert len(list((root / "studies").rglob("*.dcm"))) == 2
+
+
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database (skipped without the test server; failed under
@@ -74,6 +155,41 @@ def test_heartbeat_failure_is_logged_not_raised(tmp_path: Path, untrained_model:
         with caplog.at_level(logging.ERROR, logger="node.service.node"):
             assert worker.heartbeat() == 0
         assert "claim heartbeat failed" in caplog.text
+
+
+def test_a_receiver_wakes_workers_elsewhere_at_once(tmp_path: Path, untrained_model: Path,
+                                                    pacs: PacsStandIn, pg_url: str) -> None:
+    """LISTEN/NOTIFY on PostgreSQL: the worker polls only every 120 s here, yet classifies a
+    study seconds after the receiver (another node, as on another machine) completed it: the
+    receiver's NOTIFY woke it. Without the notification it would wait out the 120 s."""
+    rcfg = node_config(tmp_path / "node", tmp_path / "no-such-model.pt", pacs.port,
+                       storage={"database": pg_url})
+    wcfg = node_config(tmp_path / "node", untrained_model, pacs.port,
+                       storage={"database": pg_url})
+    with Node(wcfg, role=Role.WORKER, worker_idle_seconds=120.0) as worker, \
+            Node(rcfg, role=Role.RECEIVE) as receiver:
+        assert worker._listener is not None and receiver._listener is None
+        wait_for(lambda: worker._listener is not None and worker._listener.listening.is_set(),
+                 30, "the worker to LISTEN")
+        time.sleep(1.0)  # the worker found the queue empty and began its 120 s wait
+        (uid, paths), = phantom_studies(tmp_path / "studies", 1)
+        sent = time.monotonic()
+        assert send_paths(paths, dest(receiver), CALLER) == [0, 0]
+        assert wait_sr(pacs, uid, timeout=60).StudyInstanceUID == uid
+        assert time.monotonic() - sent < 60
+
+
+def test_notify_is_postgres_only_and_never_raises(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/q.db")
+    try:
+        assert not supports_notify(db) and notify_work(db) is False
+    finally:
+        db.dispose()
+    unreachable = Database("postgresql+psycopg://nobody:x@127.0.0.1:1/none")
+    try:
+        assert supports_notify(unreachable) and notify_work(unreachable) is False
+    finally:
+        unreachable.dispose()
 
 
 def _claimed_by(db: Database, tag: str) -> Job | None:

@@ -42,9 +42,10 @@ def _save(ds: Dataset, path: Path) -> Path:
 
 
 def _wrong_modality(ds: Dataset) -> Dataset:
-    sc = study_datasets(generate_study("normal", seed=42), DicomLayout.SECONDARY_CAPTURE)[0]
-    sc.Modality = "CT"
-    return sc
+    """NM Image Storage that says it is CT: the data set does not match its class. (A
+    Secondary Capture of another modality is simply not an input: ignored, see below.)"""
+    ds.Modality = "CT"
+    return ds
 
 
 def _no_pixels(ds: Dataset) -> Dataset:
@@ -160,15 +161,21 @@ def test_resent_sop_uid_for_another_patient_keeps_the_stored_file(
     assert stored.read_bytes() == before
 
 
-def test_ct_sop_class_is_not_negotiated(tmp_path: Path, served: tuple[Node, PacsStandIn]) -> None:
+def test_ct_and_a_ct_screenshot_are_answered_success_and_not_kept(
+        tmp_path: Path, served: tuple[Node, PacsStandIn]) -> None:
+    """A study-level route carries CT and Secondary Captures of other modalities: negotiated,
+    answered Success (the route does not fail), never stored, quarantined or classified."""
     node, _ = served
     ds = _base()
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.Modality = "CT"
-    path = _save(ds, tmp_path / "ct.dcm")
-    # no presentation context for CT is accepted, so nothing can be sent at all
-    assert send_paths([path], Destination("DSCINT", "127.0.0.1", node.port), CALLER) == [None]
+    sc = study_datasets(generate_study("normal", seed=42), DicomLayout.SECONDARY_CAPTURE)[0]
+    sc.Modality = "CT"
+    paths = [_save(ds, tmp_path / "ct.dcm"), _save(sc, tmp_path / "sc.dcm")]
+    assert send_paths(paths, Destination("DSCINT", "127.0.0.1", node.port), CALLER) == [0, 0]
+    assert not list((node.cfg.storage_root / "studies").rglob("*.dcm"))
+    assert not list((node.cfg.storage_root / "quarantine").glob("*.dcm"))
     assert echo(Destination("DSCINT", "127.0.0.1", node.port), CALLER) == 0
 
 

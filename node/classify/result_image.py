@@ -36,12 +36,22 @@ from pydicom.uid import (
 
 from model.calibration import INDETERMINATE
 from model.classes import CLASS_NAMES
-from node.classify.sr import Classification, DeviceInfo, ModelInfo, patient_study_copy
+from model.explain import EVIDENCE_METHOD, EVIDENCE_NAME
+from node.classify.sr import (
+    Classification,
+    DerivedSeries,
+    DeviceInfo,
+    ModelInfo,
+    derived_object_header,
+    patient_study_copy,
+)
 
 log = logging.getLogger(__name__)
 
 IMAGE_SERIES_NUMBER = 9902
 IMAGE_SERIES_DESCRIPTION = "Dscint AI result image"
+IMAGE_SERIES = DerivedSeries(str(SecondaryCaptureImageStorage), "OT", IMAGE_SERIES_NUMBER,
+                             IMAGE_SERIES_DESCRIPTION)
 PANEL_ROWS, PANEL_COLS = 1024, 256
 BANNER_ROWS, FOOTER_ROWS = 48, 232
 WINDOW_PERCENTILE = 99.5  # upper window edge: the bladder and injection site saturate
@@ -164,7 +174,8 @@ def _legend(draw: ImageDraw.ImageDraw, canvas: Image.Image, top: int, width: int
     colours = (colormaps[COLORMAP](ramp)[:, :3] * 255).astype(np.uint8)
     strip = np.repeat(colours[None, :, :], 18, axis=0)
     canvas.paste(Image.fromarray(strip, "RGB"), (left, top + 60))
-    draw.text((left, top + 34), "Evidence map (Grad-CAM)", fill=(230, 230, 230), font=_font(16))
+    draw.text((left, top + 34), f"Evidence map ({EVIDENCE_NAME})", fill=(230, 230, 230),
+              font=_font(16))
     draw.text((left, top + 82), "weak", fill=(200, 200, 200), font=_font(14))
     draw.text((left + bar_w - 40, top + 82), "strong", fill=(200, 200, 200), font=_font(14))
     draw.text((left, top + 104), f"where the model saw {argmax.replace('_', ' ')}",
@@ -202,28 +213,16 @@ def build_result_image(source: Dataset, views: Sequence[ShownView], result: Clas
 def _sc_header(ds: Dataset, series_uid: str, sop_uid: str, model: ModelInfo,
                device: DeviceInfo, when: datetime) -> None:
     """General Series, SC Equipment, General Image, SC Image and SOP Common attributes."""
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, sop_uid
-    ds.Modality, ds.ConversionType = "OT", "WSD"
-    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, IMAGE_SERIES_NUMBER, 1
-    hint = "research use only, not for diagnosis" if model.trained_on_phantoms \
-        else "not a medical device"
-    ds.SeriesDescription = f"{IMAGE_SERIES_DESCRIPTION} - {hint}"[:64]
-    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = when.strftime("%Y%m%d")
-    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = when.strftime("%H%M%S")
+    derived_object_header(ds, IMAGE_SERIES, series_uid, sop_uid, model, device, when)
     ds.DateOfSecondaryCapture, ds.TimeOfSecondaryCapture = ds.ContentDate, ds.ContentTime
-    ds.Manufacturer = device.manufacturer
-    ds.SecondaryCaptureDeviceManufacturer = device.manufacturer
-    ds.SecondaryCaptureDeviceManufacturerModelName = device.model_name
-    ds.SecondaryCaptureDeviceSoftwareVersions = device.software_version
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.DerivationDescription = (f"Dscint result: NM views with {model.name} {model.version} "
-                                "evidence map (Grad-CAM), finding and probabilities")[:1024]
+                                f"evidence map ({EVIDENCE_METHOD}), finding and "
+                                "probabilities")[:1024]
     ds.BurnedInAnnotation = "NO"  # text is burned in, but nothing that identifies the patient
     ds.LossyImageCompression = "00"
     ds.PatientOrientation = ""
     ds.Laterality = ""  # type 2C (paired body part); a whole body is not one: empty
-    if device.station_name:
-        ds.StationName = device.station_name[:16]
 
 
 def encode_image(ds: Dataset) -> bytes:

@@ -69,6 +69,7 @@ from pydicom.valuerep import DA, DT, TM
 
 from model.calibration import INDETERMINATE, INDETERMINATE_CODE
 from model.classes import CLASS_NAMES, DscintClass
+from node.dicom.codes import NODE_MANUFACTURER, NODE_MODEL_NAME
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,9 @@ class ModelInfo:
     sha256: str
     training_data: str
     trained_on_phantoms: bool
+    # sha256 of the whole model file as verified before loading (code and weights: `sha256`
+    # covers the weights only); "" when the model was not loaded through the registry
+    file_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -137,15 +141,35 @@ class DeviceInfo:
     software_version: str
     device_uid: str
     station_name: str | None = None
-    manufacturer: str = "dscint-node"
-    model_name: str = "dscint-node"
+    manufacturer: str = NODE_MANUFACTURER  # how its objects routed back are recognised
+    model_name: str = NODE_MODEL_NAME
 
 
-def sr_uids(study_uid: str, model_sha256: str) -> tuple[str, str]:
-    """(Series, SOP Instance) UIDs from study and model, so a resend never duplicates the SR."""
+@dataclass(frozen=True)
+class Predecessor:
+    """The result an amended SR replaces (its Predecessor Documents Sequence, PS3.3
+    C.17.2): that SR's series and instance in the same study, and this SR's version."""
+
+    version: int  # of the amended SR: 2 or more
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str = Comprehensive3DSRStorage
+
+
+def versioned_uid(uid: str, version: int) -> str:
+    """An object's UID in a study's `version`-th result: version 1 keeps `uid`, later ones
+    derive from it and the number, so a retried amendment makes the same UID again."""
+    if version <= 1:
+        return uid
+    return str(generate_uid(entropy_srcs=["dscint-node", "version", uid, str(version)]))
+
+
+def sr_uids(study_uid: str, model_sha256: str, version: int = 1) -> tuple[str, str]:
+    """(Series, SOP Instance) UIDs from study, model and version, so a resend never
+    duplicates the SR; an amended version gets a series and instance of its own."""
     series = generate_uid(entropy_srcs=["dscint-node", "sr-series", study_uid, model_sha256])
     instance = generate_uid(entropy_srcs=["dscint-node", "sr-instance", study_uid, model_sha256])
-    return str(series), str(instance)
+    return versioned_uid(str(series), version), versioned_uid(str(instance), version)
 
 
 def _tracking_uid(study_uid: str, model_sha256: str) -> str:
@@ -155,14 +179,17 @@ def _tracking_uid(study_uid: str, model_sha256: str) -> str:
 
 def build_sr(source: Sequence[Dataset], frames: Sequence[SourceFrame], result: Classification,
              model: ModelInfo, device: DeviceInfo, now: datetime | None = None,
-             illustration: Dataset | None = None) -> Dataset:
+             illustration: Dataset | None = None, amends: Predecessor | None = None
+             ) -> Dataset:
     """The study's result as a Comprehensive 3D SR; ValueError on inconsistent input.
     `illustration`: the result image (same study), referenced as DCM 121080 "Best
-    illustration of finding" (CID 7003) and listed in the evidence."""
+    illustration of finding" (CID 7003) and listed in the evidence. `amends`: the result
+    this one replaces (new series and instance, Predecessor Documents Sequence, a comment)."""
     _check_inputs(source, frames, result)
     predicted = result.predicted_class
     study_uid = str(source[0].StudyInstanceUID)
-    series_uid, sop_uid = sr_uids(study_uid, model.sha256)
+    version = 1 if amends is None else amends.version
+    series_uid, sop_uid = sr_uids(study_uid, model.sha256, version)
     when = (now or datetime.now()).replace(microsecond=0)
     report = MeasurementReport(
         observation_context=_observation_context(device),
@@ -175,12 +202,17 @@ def build_sr(source: Sequence[Dataset], frames: Sequence[SourceFrame], result: C
         report[0].ContentSequence[-1].ContentSequence[0].ContentSequence.append(
             _illustration(illustration))
         evidence.append(_identifiers(illustration))
+    if amends is not None:
+        report[0].ContentSequence[-1].ContentSequence[0].ContentSequence.append(
+            _amendment_text(amends))
     sr = Comprehensive3DSR(
         evidence=evidence, content=report, series_instance_uid=series_uid,
         series_number=SR_SERIES_NUMBER, sop_instance_uid=sop_uid, instance_number=1,
         manufacturer=device.manufacturer, is_complete=True, is_final=False, is_verified=False,
         performed_procedure_codes=[PROCEDURE_CODE], transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=_series_description(model), manufacturer_model_name=device.model_name,
+        series_description=_series_description(model, version),
+        manufacturer_model_name=device.model_name,
+        previous_versions=None if amends is None else [_predecessor(study_uid, amends)],
         software_versions=device.software_version, content_date=when.date(),
         content_time=when.time(), series_date=when.date(), series_time=when.time(),
     )
@@ -304,7 +336,8 @@ def _measurement_group(frames: Sequence[SourceFrame], result: Classification, mo
         algorithm_id=AlgorithmIdentification(
             name=model.name, version=model.version, manufacturer="dscint-node",
             parameters=[f"sha256={model.sha256}", f"training_data={model.training_data}",
-                        f"trained_on_phantoms={str(model.trained_on_phantoms).lower()}"]),
+                        f"trained_on_phantoms={str(model.trained_on_phantoms).lower()}",
+                        *([f"file_sha256={model.file_sha256}"] if model.file_sha256 else [])]),
         measurements=[_probability(name, float(result.probabilities[name]))
                       for name in CLASS_NAMES],
     )
@@ -349,8 +382,9 @@ def _provenance_text(model: ModelInfo, result: Classification) -> str:
     """Human-readable provenance and an honest warning, shown by any SR viewer."""
     note = PHANTOM_NOTE if model.trained_on_phantoms else DEVICE_NOTE
     views = ", ".join(result.per_view) or "none recorded"
-    return (f"Model provenance: {model.name} {model.version}, weights sha256 {model.sha256}, "
-            f"trained on {model.training_data}. Views classified: {views}. "
+    file = f", file sha256 {model.file_sha256}" if model.file_sha256 else ""
+    return (f"Model provenance: {model.name} {model.version}, weights sha256 {model.sha256}"
+            f"{file}, trained on {model.training_data}. Views classified: {views}. "
             f"{_calibration_text(result)}{note[0].upper()}{note[1:]}.")
 
 
@@ -367,11 +401,28 @@ def _calibration_text(result: Classification) -> str:
             "reported as indeterminate. ")
 
 
-def _series_description(model: ModelInfo) -> str:
-    """Series Description (LO, 64 chars) carries the warning for PACS study browsers."""
+def _series_description(model: ModelInfo, version: int = 1) -> str:
+    """Series Description (LO, 64 chars) carries the warning for PACS study browsers, and an
+    amended result's version (" v2")."""
     hint = "research use only, not for diagnosis" if model.trained_on_phantoms \
         else "not a medical device"
-    return f"{SERIES_DESCRIPTION} - {hint}"
+    return f"{SERIES_DESCRIPTION} - {hint}{f' v{version}' if version > 1 else ''}"
+
+
+def _amendment_text(amends: Predecessor) -> TextContentItem:
+    """What a reader of the amended SR sees: which version, what it replaces, and why."""
+    return TextContentItem(
+        name=codes.DCM.Comment, relationship_type=RelationshipTypeValues.CONTAINS,
+        value=(f"Amended result, version {amends.version}: replaces SR {amends.sop_uid}. "
+               "Classified again with the latest instance of each view received since."))
+
+
+def _predecessor(study_uid: str, amends: Predecessor) -> Dataset:
+    """The identifiers highdicom's `previous_versions` reads of a replaced SR."""
+    ds = Dataset()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, amends.series_uid
+    ds.SOPClassUID, ds.SOPInstanceUID = amends.sop_class_uid, amends.sop_uid
+    return ds
 
 
 def _source_images(frames: Sequence[SourceFrame]) -> list[SourceImageForMeasurementGroup]:
@@ -426,6 +477,37 @@ def patient_study_copy(source: Dataset) -> Dataset:
         elif keyword in _REQUIRED_STUDY_KEYWORDS:
             setattr(out, keyword, None)
     return out
+
+
+@dataclass(frozen=True)
+class DerivedSeries:
+    """Where a result object other than the SR goes: its class, modality and series."""
+
+    sop_class_uid: str
+    modality: str
+    series_number: int
+    description: str
+
+
+def derived_object_header(ds: Dataset, kind: DerivedSeries, series_uid: str, sop_uid: str,
+                          model: ModelInfo, device: DeviceInfo, when: datetime) -> None:
+    """The series, equipment and SC Equipment attributes the result image and the PDF share
+    (one home: both say the same about who made them and that they are not for diagnosis)."""
+    ds.SOPClassUID, ds.SOPInstanceUID = kind.sop_class_uid, sop_uid
+    ds.Modality, ds.ConversionType = kind.modality, "WSD"
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = \
+        series_uid, kind.series_number, 1
+    hint = "research use only, not for diagnosis" if model.trained_on_phantoms \
+        else "not a medical device"
+    ds.SeriesDescription = f"{kind.description} - {hint}"[:64]
+    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = when.strftime("%Y%m%d")
+    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = when.strftime("%H%M%S")
+    ds.Manufacturer = device.manufacturer
+    ds.SecondaryCaptureDeviceManufacturer = device.manufacturer
+    ds.SecondaryCaptureDeviceManufacturerModelName = device.model_name
+    ds.SecondaryCaptureDeviceSoftwareVersions = device.software_version
+    if device.station_name:
+        ds.StationName = device.station_name[:16]
 
 
 def _copyable(elem: DataElement) -> DataElement | None:

@@ -26,6 +26,9 @@ from pydicom.errors import InvalidDicomError
 
 from model.calibration import decide, effective_threshold
 from model.classifier import Classifier, StudyClassification, StudyPrediction
+from node.classify.amend import amendment, classified_instances, latest_per_view, restamp
+from node.classify.inputs import InputProfile
+from node.classify.pdf import build_pdf_report
 from node.classify.result_image import ShownView, build_result_image, encode_image
 from node.classify.sr import (
     PHANTOM_NOTE,
@@ -40,6 +43,7 @@ from node.dicom.pixels import DecodeError
 from node.dicom.views import extract_views
 from node.logs import redacted
 from node.runtime import trim_memory
+from storage.amend import current_result
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.intake import study_instances
@@ -75,32 +79,43 @@ class WorkerContext:
     on_failed: Callable[[str, str], None] = lambda _uid, _reason: None
     on_retry: Callable[[], None] = lambda: None
     indeterminate_below: float = 0.0  # threshold override; 0 = the model's own
-    # the result image (colour SC, own export) beside the SR; off until the service wires
-    # a config switch for it (the demo's PACS stand-in accepts SR storage only)
+    # the verified whole-file sha256 of a classifier `classifier` returned (the SR names it)
+    file_sha256: Callable[[Classifier], str] = lambda _clf: ""
+    # the result image (colour SC, referenced by the SR) and the PDF report beside the SR,
+    # each with an export of its own ([results].image and .pdf; the service sets them)
     result_image: bool = False
+    result_pdf: bool = False
 
 
-def model_info(clf: Classifier) -> ModelInfo:
-    """What the SR says about the model that made it."""
+def model_info(clf: Classifier, file_sha256: str = "") -> ModelInfo:
+    """What the SR says about the model that made it; `file_sha256`: the whole file's hash
+    the model holder verified before loading it."""
     m = clf.metadata
     return ModelInfo(name=m.name, version=m.version, sha256=m.weights_sha256,
-                     training_data=m.training_data, trained_on_phantoms=m.trained_on_phantoms)
+                     training_data=m.training_data, trained_on_phantoms=m.trained_on_phantoms,
+                     file_sha256=file_sha256)
 
 
 def classify_instances(db: Database, study_uid: str, study: StudyClassification,
-                       shown: dict[str, np.ndarray] | None = None
+                       shown: dict[str, np.ndarray] | None = None,
+                       profile: InputProfile | None = None
                        ) -> tuple[list[Dataset], list[SourceFrame]]:
-    """Feed a study's on-time instances to `study` one at a time: each is read, its views
+    """Feed a study's instances to `study` one at a time (on time, or late and amending the
+    result; only the latest of each view: node.classify.amend): each is read, its views
     decoded and predicted, and its pixels dropped before the next is read. Returns the
     headers (without pixels) and frame references the SR needs. `shown` keeps the first
-    view of each kind for the result image (at most three views, ~0.5 MiB each)."""
+    view of each kind for the result image (at most three views, ~0.5 MiB each); `profile`
+    gathers the input characteristics drift is watched on."""
     headers: list[Dataset] = []
     frames: list[SourceFrame] = []
-    for inst in study_instances(db, study_uid):
-        if inst.late:
-            continue
+    instances = classified_instances(study_instances(db, study_uid))
+    latest = latest_per_view(instances)  # a view acquired again supersedes the earlier one
+    for inst in instances:
         ds = dcmread(Path(inst.path))
-        views = extract_views(ds)
+        views = [v for v in extract_views(ds)
+                 if latest.get(v.view.value, inst.sop_uid) == inst.sop_uid]
+        if not views:  # each of its views was acquired again: not classified, not referenced
+            continue
         del ds.PixelData  # the encoded copy; the decoded views go after prediction
         ds.buffer = None  # a deflated file's whole inflated copy (pydicom keeps it for reads
         # of deferred elements, which the worker never makes): one per instance otherwise
@@ -110,6 +125,8 @@ def classify_instances(db: Database, study_uid: str, study: StudyClassification,
         if shown is not None:
             for v in views:
                 shown.setdefault(v.view.value, v.pixels)
+        if profile is not None:
+            profile.add(ds, views)
         del views
         headers.append(ds)
     return headers, frames
@@ -122,23 +139,25 @@ def classify(ctx: WorkerContext, job: ClaimedJob) -> None:
     clf = ctx.classifier()
     study = StudyClassification(clf)
     shown: dict[str, np.ndarray] = {}
+    pictured = ctx.result_image or ctx.result_pdf  # the PDF shows the result image too
+    profile = InputProfile()
     headers, frames = classify_instances(ctx.db, job.study_uid, study,
-                                         shown if ctx.result_image else None)
+                                         shown if pictured else None, profile)
     if not study.count:
         raise NoDecodableViews(f"study {job.study_uid} has no decodable views")
     pred = study.result()
-    info = model_info(clf)
+    current = current_result(ctx.db, job.study_uid)
+    prior = amendment(current)  # None for the first result; else this one replaces it
+    version = 1 if prior is None else prior.version
+    info = model_info(clf, ctx.file_sha256(clf))
     result = _classification(pred, effective_threshold(clf.metadata.indeterminate_below,
                                                        ctx.indeterminate_below))
-    image = build_result_image(headers[0], _shown_views(clf, shown, pred), result, info,
-                               ctx.device) if ctx.result_image else None
+    image = restamp(build_result_image(headers[0], _shown_views(clf, shown, pred), result,
+                                       info, ctx.device), version) if pictured else None
     del shown
-    others: tuple[tuple[str, str], ...] = ()
-    if image is not None:
-        image_path = ctx.files.write_sr(job.study_uid, str(image.SOPInstanceUID),
-                                        encode_image(image))
-        others = ((str(image.SOPInstanceUID), str(image_path)),)
-    sr = build_sr(headers, frames, result, info, ctx.device, illustration=image)
+    others = _other_objects(ctx, job.study_uid, headers[0], image, result, info, version)
+    sr = build_sr(headers, frames, result, info, ctx.device,
+                  illustration=image if ctx.result_image else None, amends=prior)
     data = encode_sr(sr)
     sr_path = ctx.files.write_sr(job.study_uid, str(sr.SOPInstanceUID), data)
     store_result(ctx.db, NewResult(
@@ -148,14 +167,35 @@ def classify(ctx: WorkerContext, job: ClaimedJob) -> None:
         per_view={v.label: v.probabilities for v in pred.views},
         sr_sop_uid=str(sr.SOPInstanceUID), sr_series_uid=str(sr.SeriesInstanceUID),
         sr_path=str(sr_path), note=PHANTOM_NOTE if info.trained_on_phantoms else None,
-        other_objects=others,
+        other_objects=others, inputs=profile.inputs(), version=version,
+        predecessor_id=None if current is None else current.result_id,
     ), ctx.destination)
     ctx.on_classified(job.study_uid, result.predicted_class, dict(pred.probabilities),
                       time.monotonic() - started)
     probs = ", ".join(f"{k} {v:.3f}" for k, v in pred.probabilities.items())
-    log.info("study %s classified %s (%s) by %s %s%s", job.study_uid, result.predicted_class,
-             probs, info.name, info.version,
+    log.info("study %s classified %s (%s) by %s %s%s%s", job.study_uid,
+             result.predicted_class, probs, info.name, info.version,
+             "" if prior is None else f"; amended result v{version} replaces SR {prior.sop_uid}",
              f" [{PHANTOM_NOTE}]" if info.trained_on_phantoms else "")
+
+
+def _other_objects(ctx: WorkerContext, study_uid: str, header: Dataset, image: Dataset | None,
+                   result: Classification, info: ModelInfo, version: int = 1
+                   ) -> tuple[tuple[str, str], ...]:
+    """The result image and the PDF report, as configured, written to the store: (SOP
+    Instance UID, path) each, in the order they are sent after the SR; an amended result's
+    (`version` > 1) with UIDs of their own."""
+    if image is None:
+        return ()
+    out: list[tuple[str, str]] = []
+    if ctx.result_image:
+        out.append((str(image.SOPInstanceUID), str(ctx.files.write_sr(
+            study_uid, str(image.SOPInstanceUID), encode_image(image)))))
+    if ctx.result_pdf:
+        report = restamp(build_pdf_report(header, image, result, info, ctx.device), version)
+        out.append((str(report.SOPInstanceUID), str(ctx.files.write_sr(
+            study_uid, str(report.SOPInstanceUID), encode_image(report)))))
+    return tuple(out)
 
 
 _SHOWN_ORDER = {"anterior": ("ANT", 0), "posterior": ("POST", 1), "unknown": ("VIEW", 2)}
@@ -163,8 +203,9 @@ _SHOWN_ORDER = {"anterior": ("ANT", 0), "posterior": ("POST", 1), "unknown": ("V
 
 def _shown_views(clf: Classifier, shown: dict[str, np.ndarray], pred: StudyPrediction
                  ) -> list[ShownView]:
-    """The views the result image shows (anterior, posterior), each with its Grad-CAM map of
-    the most probable class (for an indeterminate finding too: what the model leaned to)."""
+    """The views the result image shows (anterior, posterior), each with its evidence map
+    (`Classifier.explain`: SmoothGrad x input, on the view's own pixel grid) of the most
+    probable class (for an indeterminate finding too: what the model leaned to)."""
     kinds = sorted(shown, key=lambda k: _SHOWN_ORDER.get(k, ("VIEW", 3))[1])[:2]
     top = max(pred.probabilities, key=lambda k: pred.probabilities[k])
     maps = clf.explain([shown[k] for k in kinds], top)

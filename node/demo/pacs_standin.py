@@ -1,7 +1,11 @@
 """An in-process PACS stand-in: a C-STORE SCP that keeps what it receives (demo and tests).
 
-It stores each object as received and records when it answered, so the demo can measure "last
-instance in -> SR acknowledged". It can be told to refuse (a status) to play a broken PACS.
+It accepts what the node sends (the SR, the result image, the PDF report), stores each object
+as received and records when it answered, so the demo can measure "last instance in -> SR
+acknowledged". SRs are counted apart (`srs`, `by_study`, `wait_for` count SRs unless told
+otherwise): "one SR per study" stays what the demo and the tests check. It can be told to
+refuse (a status, for every object or per SOP class) or not to accept a SOP class at all, to
+play a broken or limited PACS.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from io import BytesIO
 
@@ -17,11 +22,18 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.dicom.codes import SR_STORAGE_CLASSES, VERIFICATION
+from node.dicom.codes import (
+    ENCAPSULATED_PDF_STORAGE,
+    SC_IMAGE_STORAGE,
+    SR_STORAGE_CLASSES,
+    VERIFICATION,
+)
 
 log = logging.getLogger(__name__)
 
 SR_CLASSES = SR_STORAGE_CLASSES
+RESULT_CLASSES: tuple[str, ...] = (*SR_STORAGE_CLASSES, SC_IMAGE_STORAGE,
+                                   ENCAPSULATED_PDF_STORAGE)
 
 
 @dataclass
@@ -42,14 +54,19 @@ class PacsStandIn:
     host: str = "127.0.0.1"
     port: int = 0
     refuse_status: int | None = None
-    received: list[Received] = field(default_factory=list)
+    # SOP class -> status: refuse only those (e.g. a PACS that takes SR but not SC)
+    refuse_classes: dict[str, int] = field(default_factory=dict)
+    # SOP classes whose presentation contexts are accepted (a PACS without PDF support: leave
+    # it out, and the node's C-STORE of it cannot even start)
+    accepted_classes: tuple[str, ...] = RESULT_CLASSES
+    received: list[Received] = field(default_factory=list)  # every object, in arrival order
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadedAssociationServer | None = None
 
     def start(self) -> int:
         """Listen (port 0 = the OS picks one); returns the port."""
         ae = AE(ae_title=self.ae_title)
-        for uid in SR_CLASSES:
+        for uid in self.accepted_classes:
             ae.add_supported_context(uid)
         ae.add_supported_context(VERIFICATION)
         server = ae.start_server((self.host, self.port), block=False,
@@ -70,6 +87,9 @@ class PacsStandIn:
     def _on_store(self, event: Event) -> int:
         if self.refuse_status is not None:
             return self.refuse_status
+        refused = self.refuse_classes.get(str(event.context.abstract_syntax))
+        if refused is not None:
+            return refused
         try:
             raw = bytes(event.encoded_dataset())
             ds = dcmread(BytesIO(raw))
@@ -80,20 +100,32 @@ class PacsStandIn:
             self.received.append(Received(ds, raw, event.assoc.requestor.ae_title, time.time()))
         return 0x0000
 
-    def by_study(self) -> dict[str, list[Received]]:
-        """Received objects grouped by Study Instance UID."""
-        out: dict[str, list[Received]] = {}
+    def objects(self, sop_classes: Collection[str] | None = None) -> list[Received]:
+        """Received objects of these SOP classes (None: all), in arrival order."""
         with self._lock:
-            for r in self.received:
-                out.setdefault(str(r.dataset.StudyInstanceUID), []).append(r)
+            return [r for r in self.received
+                    if sop_classes is None or str(r.dataset.SOPClassUID) in sop_classes]
+
+    @property
+    def srs(self) -> list[Received]:
+        """The SRs received, in arrival order."""
+        return self.objects(SR_CLASSES)
+
+    def by_study(self, sop_classes: Collection[str] | None = SR_CLASSES
+                 ) -> dict[str, list[Received]]:
+        """Received SRs (or objects of `sop_classes`; None: all) by Study Instance UID."""
+        out: dict[str, list[Received]] = {}
+        for r in self.objects(sop_classes):
+            out.setdefault(str(r.dataset.StudyInstanceUID), []).append(r)
         return out
 
-    def wait_for(self, n: int, timeout: float) -> bool:
-        """Poll until n objects arrived or timeout (seconds)."""
+    def wait_for(self, n: int, timeout: float,
+                 sop_classes: Collection[str] | None = SR_CLASSES) -> bool:
+        """Poll until n SRs (or objects of `sop_classes`; None: any) arrived or timeout
+        (seconds)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with self._lock:
-                if len(self.received) >= n:
-                    return True
+            if len(self.objects(sop_classes)) >= n:
+                return True
             time.sleep(0.05)
         return False

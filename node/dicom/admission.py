@@ -4,10 +4,17 @@ the status and reason (without patient data) when it is not. Rules never raise."
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 
 from pydicom import Dataset
 
-from node.dicom.codes import ACCEPTED_SOP_CLASSES, NM_IMAGE_STORAGE
+from node.dicom.codes import (
+    ACCEPTED_SOP_CLASSES,
+    NM_IMAGE_STORAGE,
+    NODE_MANUFACTURER,
+    NODE_UID_ROOT,
+    SC_IMAGE_STORAGE,
+)
 from node.dicom.identity import is_valid_uid, shown_uid
 from node.dicom.pixels import (
     NATIVE_TRANSFER_SYNTAXES,
@@ -32,6 +39,45 @@ DEFINED_CHARSETS = frozenset({
     "ISO 2022 IR 203", "ISO 2022 IR 58", "ISO 2022 IR 87", "ISO 2022 IR 159",
     "ISO 2022 IR 149", "GB18030", "GBK",
 })
+
+
+class Ignored(StrEnum):
+    """Why an instance is answered Success and not kept: it is not something the node
+    classifies (a study-level route also carries CT, SR, presentation states, KOS, PDF...),
+    or it is one of the node's own results that PACS routed back."""
+
+    NOT_INPUT = "not_input"
+    OWN_OBJECT = "own_object"
+
+
+def ignore_reason(ds: Dataset | None, sop_class: str) -> Ignored | None:
+    """None for a candidate input (the admission rules then decide), else why it is ignored.
+
+    `sop_class` is the C-STORE request's; `ds` its header, None where it could not be read
+    (an input class is then refused by admission; anything else is simply not an input).
+    The node's own objects come first: whatever their class, they are never inputs.
+    Never raises."""
+    try:
+        if ds is not None and is_own_object(ds):
+            return Ignored.OWN_OBJECT
+        if sop_class not in ACCEPTED_SOP_CLASSES:
+            return Ignored.NOT_INPUT
+        if ds is not None and sop_class == SC_IMAGE_STORAGE:
+            modality = text_of(ds.get("Modality")).strip().upper()
+            if modality and modality != "NM":  # a screenshot, a dose report: not a bone scan
+                return Ignored.NOT_INPUT
+    except Exception:  # a header pydicom cannot convert: admission answers for inputs
+        return None if sop_class in ACCEPTED_SOP_CLASSES else Ignored.NOT_INPUT
+    return None
+
+
+def is_own_object(ds: Dataset) -> bool:
+    """The node wrote it (SR, result image, PDF): a UID under the node's root and the node as
+    manufacturer (of the equipment, or of the secondary capture device)."""
+    uid = text_of(ds.get("SOPInstanceUID")).strip()
+    makers = {text_of(ds.get(k)).strip() for k in ("Manufacturer",
+                                                     "SecondaryCaptureDeviceManufacturer")}
+    return uid.startswith(NODE_UID_ROOT) and NODE_MANUFACTURER in makers
 
 
 def admission_rejection(ds: Dataset, sop_class: str, sop_uid: str, decode: bool = True

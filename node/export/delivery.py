@@ -1,4 +1,5 @@
-"""SR export loop: C-STORE to PACS until acknowledged, with capped exponential backoff and a
+"""Export loop of the result objects (SR, result image, PDF): C-STORE to PACS until
+acknowledged, with capped exponential backoff and a
 dead-letter state after the configured number of attempts (or at once for permanent refusals);
 the schedule is decided in `node.export.policy`.
 
@@ -16,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from pydicom.uid import UID
 
 from node.config import ExportSection
 from node.export.policy import next_attempt
@@ -60,19 +63,22 @@ def _bookkeep(ctx: ExportContext, job: ClaimedExport, outcome: SendOutcome) -> N
     """Done, retry later, or dead letter; logged."""
     now = datetime.now(UTC)
     if outcome.acknowledged:
-        export_succeeded(ctx.db, job.export_id, outcome.status or 0, now=now)
-        log.info("SR %s of study %s acknowledged by %s (status 0x%04X)", job.sr_sop_uid,
-                 job.study_uid, job.destination, outcome.status or 0)
+        export_succeeded(ctx.db, job.export_id, outcome.status or 0, now=now,
+                         sop_class_uid=outcome.sop_class_uid, sop_uid=outcome.sop_uid)
+        as_sent = "" if outcome.sop_uid in ("", job.sr_sop_uid) else \
+            f" as {UID(outcome.sop_class_uid).name} {outcome.sop_uid}"
+        log.info("result object %s of study %s acknowledged by %s%s (status 0x%04X)",
+                 job.sr_sop_uid, job.study_uid, job.destination, as_sent, outcome.status or 0)
         ctx.on_outcome(job, "delivered", None)
         return
     retry_at = next_attempt(ctx.policy, job.attempts, outcome, now)
     export_failed(ctx.db, job.export_id, outcome.error, outcome.status, retry_at, now=now)
     ctx.on_outcome(job, "dead" if retry_at is None else "retry", outcome.error)
     if retry_at is None:
-        log.error("SR %s of study %s dead-lettered after %d attempt(s): %s", job.sr_sop_uid,
-                  job.study_uid, job.attempts, outcome.error)
+        log.error("result object %s of study %s dead-lettered after %d attempt(s): %s",
+                  job.sr_sop_uid, job.study_uid, job.attempts, outcome.error)
     else:
-        log.warning("SR %s of study %s not delivered (attempt %d): %s; retry at %s",
+        log.warning("result object %s of study %s not delivered (attempt %d): %s; retry at %s",
                     job.sr_sop_uid, job.study_uid, job.attempts, outcome.error,
                     retry_at.isoformat(timespec="seconds"))
 

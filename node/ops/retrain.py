@@ -1,5 +1,5 @@
-"""`python -m node retrain` and `python -m node models`: the paper's protocol on the user's data,
-a report folder, and the model registry with promotion and rollback.
+"""`python -m node retrain`: the paper's protocol on the user's data, a report folder, and the
+model registry with promotion and rollback (the `models` command: node.ops.models).
 
 node/ joins the layers here: it reads DICOM (node.dicom) and the node's database (storage)
 and hands plain arrays to model/, which trains, evaluates and writes the report; the registry
@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import platform
-import re
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from rich.console import Console
-from rich.table import Table
 
 from node.config import Config
 from node.dicom.pixels import DecodeError
 from node.dicom.views import extract_views
+from node.ops.models import promotion_gate
 from storage.db import Database
+from storage.feedback import feedback_labels
 from storage.intake import study_instances, study_patient_keys
 from storage.registry import (
     ModelRecord,
@@ -43,8 +43,8 @@ from storage.registry import (
     model_file_path,
     promote,
     register_model,
-    rollback,
     serving_model,
+    verify_model_file,
 )
 
 if TYPE_CHECKING:  # model/ (torch, sklearn) is imported where used: `status` stays fast
@@ -144,25 +144,52 @@ def dicom_folder_data(folder: Path, labels: Path) -> LabelledImages:
                              f"({len(rows)} labelled row(s))")
 
 
-def database_data(db: Database, labels: Path) -> LabelledImages:
-    """Studies the node has received, labelled by a CSV of StudyInstanceUID -> class."""
+def feedback_rows(db: Database) -> list[LabelRow]:
+    """The physicians' labels (`python -m node feedback`) as label rows, by study UID."""
+    from model.datasets import LabelRow, class_name
+    rows = []
+    for i, (uid, label) in enumerate(sorted(feedback_labels(db).items()), start=1):
+        where = f"feedback for study {uid}"
+        rows.append(LabelRow(i, "study_uid", uid, class_name(label, where), None, where))
+    return rows
+
+
+def database_data(db: Database, labels: Path | None) -> LabelledImages:
+    """Studies the node has received, labelled by a CSV of StudyInstanceUID -> class, or
+    (no CSV) by the physicians' feedback. A CSV row for a study that is missing is an error;
+    feedback for a study not received (yet) or already purged is skipped and counted."""
     from model.datasets import DatasetError, assemble, read_label_csv
-    rows = read_label_csv(labels)
+    rows = read_label_csv(labels) if labels is not None else feedback_rows(db)
+    if not rows:
+        raise DatasetError("--from-db without --labels uses the physicians' feedback, and "
+                           "none is recorded: run `python -m node feedback` first")
     keys = study_patient_keys(db)
     records: list[ViewRecord] = []
+    used = 0
     for row in rows:
         if row.key_kind != "study_uid":
             raise DatasetError(f"{row.where}: the node's database is keyed by study UID, "
                                "not file path")
+        instances = [i for i in study_instances(db, row.key) if not i.late] \
+            if row.key in keys else []
+        if not instances and labels is None:
+            continue  # feedback may come before the study, or after housekeeping
         if row.key not in keys:
             raise DatasetError(f"{row.where}: study {row.key} is not in the node's database")
-        patient = row.patient_id or keys[row.key] or row.key
-        instances = [i for i in study_instances(db, row.key) if not i.late]
         if not instances:
             raise DatasetError(f"{row.where}: study {row.key} has no stored instances")
+        patient = row.patient_id or keys[row.key] or row.key
         for inst in instances:
             records += _dicom_views(Path(inst.path), row.label, patient, row.where)
-    return assemble(records, f"{len(rows)} stored study(ies) labelled by {labels.name}")
+        used += 1
+    if labels is None:
+        log.info("feedback: %d of %d labelled study(ies) have stored instances", used,
+                 len(rows))
+        if not used:
+            raise DatasetError(f"none of the {len(rows)} studies with feedback has stored "
+                               "instances in the node's database")
+    source = labels.name if labels is not None else "physicians' feedback"
+    return assemble(records, f"{used} stored study(ies) labelled by {source}")
 
 
 def load_data(src: DataSources, db: Database | None) -> LabelledImages:
@@ -176,8 +203,8 @@ def load_data(src: DataSources, db: Database | None) -> LabelledImages:
             raise DatasetError("--dicom needs --labels CSV")
         parts.append(dicom_folder_data(src.dicom, src.labels))
     if src.from_db:
-        if src.labels is None or db is None:
-            raise DatasetError("--from-db needs --labels CSV and the node's database")
+        if db is None:
+            raise DatasetError("--from-db needs the node's database")
         parts.append(database_data(db, src.labels))
     if src.png is not None:
         parts.append(load_png_folder(src.png, src.class_map, patient_prefix="png:"))
@@ -226,8 +253,11 @@ class RetrainOutcome:
 
 def _environment() -> dict[str, Any]:
     import torch
+
+    from model.distributed import current_world
     return {"python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "training_processes": current_world().size,
             "platform": platform.platform()}
 
 
@@ -241,41 +271,35 @@ def _config_doc(opts: RetrainOptions, version: str) -> dict[str, Any]:
 
 
 def current_model(cfg: Config, db: Database) -> tuple[Path, ModelRecord | None] | None:
-    """The model a node would serve now: the registry's serving one, else [model].path."""
+    """The model a node would serve now: the registry's serving one (its file verified as a
+    node verifies it: a mismatching file is not evaluated), else [model].path."""
     rec = serving_model(db)
     if rec is not None:
-        return Path(rec.path), rec
+        try:
+            return verify_model_file(cfg.storage_root, rec).path, rec
+        except RegistryError as exc:
+            log.error("serving model not evaluated: %s", exc)
+            return None
     if cfg.model_path.is_file():
         return cfg.model_path, None
     return None
 
 
-def _safe_version(version: str) -> str:
-    """A model file's own version as a registry key (file-name safe)."""
-    return re.sub(r"[^A-Za-z0-9._\-]", "_", version).strip("._-")[:64] or "unversioned"
-
-
 def register_configured_model(cfg: Config, db: Database) -> ModelRecord | None:
-    """With an empty registry, record [model].path as serving so a rollback can return to it."""
-    from model.export import ModelFileError, load_torchscript
+    """With an empty registry, record [model].path as serving so a rollback can return to it.
+    The file is registered by its bytes (node.service.models.adopt_configured: copied into
+    the models directory, its metadata read without loading it)."""
+    from model.export import ModelFileError
+    from node.service.models import adopt_configured
     if serving_model(db) is not None or not cfg.model_path.is_file():
         return None
     try:
-        _, meta = load_torchscript(cfg.model_path)
+        rec = adopt_configured(db, cfg.storage_root, cfg.model_path)
     except ModelFileError as exc:
         log.error("[model].path %s is not a usable model, not registered: %s",
                   cfg.model_path, exc)
         return None
-    known = {r.version: r for r in list_models(db)}
-    version = _safe_version(meta.version)
-    if version in known and known[version].weights_sha256 != meta.weights_sha256:
-        version = _safe_version(f"{meta.version}-{meta.weights_sha256[:8]}")
-    if version not in known:
-        register_model(db, cfg.storage_root, cfg.model_path, NewModel(
-            version=version, weights_sha256=meta.weights_sha256,
-            data_description=meta.training_data, metrics=meta.metrics, name=meta.name,
-            arch=meta.arch, note="registered from [model].path"))
-    return promote(db, version, note="served from [model].path before the registry")
+    return promote(db, rec.version, note="served from [model].path before the registry")
 
 
 def _current_evaluation(path: Path, data: LabelledImages, rec0: RunRecord) -> Evaluation | None:
@@ -312,8 +336,11 @@ def retrain(cfg: Config, opts: RetrainOptions) -> RetrainOutcome:
         reason = unavailable_reason(arch)
         if reason:
             raise ValueError(reason)
+    from model.distributed import barrier, current_world
     db = Database(cfg.database_url)
-    db.create_all()
+    if current_world().main:
+        db.create_all()
+    barrier()  # under torchrun: rank 0 made the tables, the other ranks only read them
     try:
         return _retrain(cfg, opts, db)
     finally:
@@ -324,7 +351,8 @@ def _retrain(cfg: Config, opts: RetrainOptions, db: Database) -> RetrainOutcome:
     """The body of retrain() once the database is open."""
     from model.archs import get_arch
     from model.datasets import describe
-    from model.evaluate import decide_promotion, run_protocol
+    from model.distributed import current_world
+    from model.evaluate import PromotionDecision, decide_promotion, run_protocol
     from model.report import ReportInputs, write_report
     from model.trainer import default_version
     version = opts.version or default_version()
@@ -335,6 +363,8 @@ def _retrain(cfg: Config, opts: RetrainOptions, db: Database) -> RetrainOutcome:
     log.info("training data: %s", json.dumps(data_doc))
     report_dir = opts.out or cfg.storage_root / "reports" / version
     records = run_protocol(data, opts.protocol, opts.train)
+    if not current_world().main:  # under torchrun: rank 0 alone exports, registers, reports
+        return RetrainOutcome(version, report_dir, Path(), False, None, records)
     rec0 = next(r for r in records if r.arch == opts.protocol.keep_result_of and r.run == 0)
     model_path = _export_candidate(cfg, opts, rec0, data, version, report_dir)
     decision = None
@@ -351,6 +381,11 @@ def _retrain(cfg: Config, opts: RetrainOptions, db: Database) -> RetrainOutcome:
         decision = decide_promotion(rec0.evaluation.headline(),
                                     cur_eval.headline() if cur_eval else None, opts.metric,
                                     opts.margin, opts.force_promote)
+        gate = None if opts.force_promote else promotion_gate(cfg, db, version)
+        if decision.promote and gate:
+            decision = PromotionDecision(False, decision.metric, decision.candidate,
+                                         decision.current, decision.margin, False,
+                                         f"{decision.reason} (but {gate})")
         if decision.promote and opts.allow_promote:
             promote(db, version, note=decision.reason)
         elif decision.promote:
@@ -397,7 +432,8 @@ def add_retrain_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--phantom-seed", type=int, default=0)
     d.add_argument("--difficulty", type=float, default=0.5)
     d.add_argument("--dicom", type=Path, help="folder of DICOM studies (needs --labels)")
-    d.add_argument("--from-db", action="store_true", help="studies in the node's database")
+    d.add_argument("--from-db", action="store_true", help="studies in the node's database, "
+                   "labelled by --labels or else by the physicians' feedback")
     d.add_argument("--labels", type=Path, help="CSV: study_uid (or path), label[, patient_id]")
     d.add_argument("--png", type=Path, help="<class>/<Anterior|Posterior>/A<n>.png folder")
     d.add_argument("--class-map", help="PNG class folders to classes, e.g. yes=bone_metastasis")
@@ -424,6 +460,10 @@ def add_retrain_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--mirror-probability", type=float, default=0.5)
     t.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     t.add_argument("--no-channels-last", action="store_true")
+    t.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="train on the CPU or a GPU (under torchrun: each process its own)")
+    t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: forward pass under autocast (evaluation and export stay fp32)")
     t.add_argument("--no-trivial-baseline", action="store_true")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     o = p.add_argument_group("output and registry")
@@ -450,7 +490,8 @@ def options_from_args(args: argparse.Namespace) -> RetrainOptions:
         weight_decay=args.weight_decay, test_fraction=args.test_fraction, seed=args.seed,
         augment=AugmentParams(args.max_shift, args.max_rotation, args.mirror_probability),
         threads=args.threads, progress=not args.quiet, arch=args.arch,
-        balance_classes=not args.no_balance, channels_last=not args.no_channels_last)
+        balance_classes=not args.no_balance, channels_last=not args.no_channels_last,
+        device=args.device, precision=args.precision)
     sources = DataSources(
         phantoms=args.phantoms, phantom_seed=args.phantom_seed, difficulty=args.difficulty,
         dicom=args.dicom, from_db=args.from_db, labels=args.labels, png=args.png,
@@ -477,68 +518,21 @@ def print_outcome(out: RetrainOutcome) -> None:
         c.print(f"{verdict}: {out.decision.reason}")
 
 
-# --- `python -m node models` -------------------------------------------------------------
-
-
-def models_table(db: Database) -> Table:
-    """Every registered version, oldest first; the serving one in bold green."""
-    table = Table(title="dscint-node models")
-    for col in ("version", "state", "network", "study F1", "sha256"):
-        table.add_column(col, no_wrap=True)
-    for col in ("promoted (UTC)", "training data / note"):
-        table.add_column(col, overflow="fold")
-    for r in list_models(db):
-        table.add_row(
-            r.version, r.state, r.name, _fmt(r.metrics.get("study_f1")), r.weights_sha256[:8],
-            r.promoted_at.strftime("%Y-%m-%d %H:%M:%S") if r.promoted_at else "-",
-            f"{r.data_description[:70]}" + (f" — {r.note[:70]}" if r.note else ""),
-            style="bold green" if r.state == "serving" else None)
-    return table
-
-
-def _fmt(v: object) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else "-"
-
-
-def add_models_arguments(p: argparse.ArgumentParser) -> None:
-    """`models [list|rollback|promote VERSION]`."""
-    p.add_argument("action", nargs="?", default="list", choices=["list", "rollback", "promote"])
-    p.add_argument("version", nargs="?", help="for promote: the version to serve")
-    p.add_argument("--config", type=Path, default=Path("config.toml"))
-
-
-def run_models(cfg: Config, args: argparse.Namespace) -> int:
-    """List, roll back or promote; a running node follows within seconds."""
-    db = Database(cfg.database_url)
-    db.create_all()
-    console = Console()
-    try:
-        if args.action == "rollback":
-            rec = rollback(db)
-            console.print(f"serving {rec.version} again (rolled back)")
-        elif args.action == "promote":
-            if not args.version:
-                console.print("models promote needs a VERSION", style="red")
-                return 2
-            rec = promote(db, args.version, note="promoted by hand")
-            console.print(f"serving {rec.version}")
-        else:
-            console.print(models_table(db))
-    except RegistryError as exc:
-        print(f"registry: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        db.dispose()
-    return 0
-
-
 def run_retrain(cfg: Config, args: argparse.Namespace) -> int:
-    """The retrain subcommand: errors in the data end with exit code 2 and the reason."""
+    """The retrain subcommand: errors in the data end with exit code 2 and the reason. Under
+    torchrun every process trains its slice of each batch; rank 0 alone writes (see
+    model.distributed)."""
+    from model.distributed import start_world, stop_world
     try:
         opts = options_from_args(args)
-        out = retrain(cfg, opts)
+        world = start_world(opts.train.device, os.environ)  # torchrun: join the other ranks
+        try:
+            out = retrain(cfg, opts)
+        finally:
+            stop_world()
     except (RegistryError, ValueError) as exc:  # DatasetError and ArchError included
         print(f"retrain: {exc}", file=sys.stderr)
         return 2
-    print_outcome(out)
+    if world.main:
+        print_outcome(out)
     return 0

@@ -6,18 +6,35 @@ anything is parsed. A deflated body is inflated here with a bound, never by pydi
 
 Order matters for "nothing lost, nothing left behind": the bytes as received are staged
 durably (temp file, fsync), the instance row is committed, then the staged file is renamed
-into place, and only then is Success returned. A refused row or a database locked for longer
+into place, and only then is Success returned. The staging runs in `StoreContext.stager`'s
+threads while the dataset is parsed and checked (the fsync waits on the disk, the checks on
+the CPU: one association's C-STORE no longer waits for both one after the other); the row is
+committed only once the staged file is durable, and a refused instance's staged file is
+removed before the handler returns. On SQLite the receiver's threads take turns to write
+(`_write_turn`), so concurrent associations queue on a lock rather than in SQLite's sleeping
+busy handler. A refused row or a database locked for longer
 than the C-STORE may wait leaves no file (a re-sent SOP's previous file is untouched). Every
 refusal gets a specific status, a log line with the reason (UIDs and AE titles only, never
 patient data) and a quarantined copy (of which only the prefix the quarantine keeps is read).
+
+Every standard storage SOP class is negotiated (node.receive.server), so a PACS routing a whole
+study never fails on one object. What is not an input (node.dicom.admission.ignore_reason: CT,
+SR, presentation states, KOS, PDF, a Secondary Capture of another modality) and the node's own
+objects routed back are answered Success and not kept: no file, no row, no study, no job; only
+a count per SOP class (written once per association, see node.receive.association). Only its
+header is read (pixel data and large values never), whatever its size. A site may refuse SOP
+classes instead ([admission].refuse_sop_classes: 0x0122).
 Handlers never raise.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -30,13 +47,15 @@ from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom.events import Event
 
-from node.dicom.admission import admission_rejection, patient_conflict
+from node.dicom.admission import Ignored, admission_rejection, ignore_reason, patient_conflict
 from node.dicom.applicability import Applicability, whole_body_planar
+from node.dicom.codes import ACCEPTED_SOP_CLASSES
 from node.dicom.identity import is_valid_uid, patient_key, shown_uid
 from node.dicom.pixels import pixel_geometry
 from node.dicom.status import Rejection, Status
 from node.dicom.views import frame_views
 from node.logs import redacted, redacted_traceback
+from node.receive.association import REFUSED, REFUSED_BY_SITE, STORED, Tallies
 from storage.db import CompletionReason, Database, DatabaseBusy, StudyState, lock_wait_as_busy
 from storage.filestore import FileStore
 from storage.intake import (
@@ -53,6 +72,7 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 DEFAULT_MAX_INSTANCE_BYTES = 64 * MIB  # [admission].max_instance_mb's default
 INFLATE_CHUNK = MIB  # a deflated body is inflated (and counted) in pieces this size
+HEADER_DEFER_BYTES = 4096  # an ignored instance's header: longer values are never read
 
 NOT_JUDGED = Applicability(True, "not judged (admission skipped)")  # _accept called directly
 
@@ -70,6 +90,13 @@ class StoreContext:
     refuse_not_applicable: bool = False  # [admission].not_applicable = "refuse"
     max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES  # encoded (deflated: inflated)
     study_limits: StudyLimits = field(default_factory=StudyLimits)
+    refused_sop_classes: frozenset[str] = frozenset()  # [admission].refuse_sop_classes (UIDs)
+    tallies: Tallies | None = None  # per-association counts for the summary line
+    # stages received files durably while they are parsed and checked (None: in turn)
+    stager: Executor | None = None
+    # SQLite: the receiver's threads take turns to write (see _write_turn); None: no turns
+    write_turn: threading.Lock | None = None
+    db_wait_seconds: float = 30.0  # [node].store_db_wait_seconds: the longest turn wait
 
 
 def handle_echo(event: Event) -> int:
@@ -82,12 +109,34 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
     """C-STORE entry point: never raises, always a status."""
     sop_uid = shown_uid(getattr(event.request, "AffectedSOPInstanceUID", ""))
     try:
-        return _store(event, ctx)
+        answer = _store(event, ctx)
     except Exception as exc:  # last line of defence: the association must get an answer
         log.error("C-STORE of SOP %s from AE %s failed unexpectedly: %s", sop_uid,
                   _caller(event), redacted_traceback(exc))
         _try_quarantine(event, ctx, f"unexpected error: {redacted(exc)}", sop_uid)
-        return Status.OUT_OF_RESOURCES
+        answer = Status.OUT_OF_RESOURCES
+    status = Status.SUCCESS if isinstance(answer, Ignored) else answer
+    _tally(event, ctx, answer, status)
+    return status
+
+
+def _tally(event: Event, ctx: StoreContext, answer: int | Ignored, status: int) -> None:
+    """Count the answer for the association's summary line. Never raises."""
+    if ctx.tallies is None:
+        return
+    try:
+        sop_class = str(getattr(event.request, "AffectedSOPClassUID", ""))
+        if isinstance(answer, Ignored):
+            kind = answer.value
+        elif status == Status.SUCCESS:
+            kind = STORED
+        elif sop_class in ctx.refused_sop_classes and status == Status.SOP_CLASS_NOT_SUPPORTED:
+            kind = REFUSED_BY_SITE
+        else:
+            kind = f"{REFUSED} 0x{status:04X}"
+        ctx.tallies.count(event.assoc, kind, sop_class)
+    except Exception:  # counting must not change the answer
+        log.exception("could not tally a C-STORE")
 
 
 def handle_conn_close(event: Event) -> None:
@@ -124,11 +173,15 @@ def _caller(event: Event) -> str:
         return "?"
 
 
-def _store(event: Event, ctx: StoreContext) -> int:
+def _store(event: Event, ctx: StoreContext) -> int | Ignored:
     caller = _caller(event)
     request = event.request
     sop_class = str(getattr(request, "AffectedSOPClassUID", ""))
     sop_uid = str(getattr(request, "AffectedSOPInstanceUID", ""))
+    if sop_class in ctx.refused_sop_classes:  # the site's choice: counted, not quarantined
+        return Status.SOP_CLASS_NOT_SUPPORTED
+    if sop_class not in ACCEPTED_SOP_CLASSES:  # never kept: no disk or size check applies
+        return ignore_reason(_header(received(event)), sop_class) or Ignored.NOT_INPUT
     if ctx.min_free_bytes and ctx.files.free_bytes() < ctx.min_free_bytes:
         log.error("refused SOP %s from AE %s with status 0x%04X: free disk below the "
                   "watermark ([storage].min_free_mb); nothing written", shown_uid(sop_uid),
@@ -141,9 +194,23 @@ def _store(event: Event, ctx: StoreContext) -> int:
             Status.TOO_LARGE, f"encoded size {size} bytes is over [admission].max_instance_mb "
                               f"({ctx.max_instance_bytes // MIB} MiB); not parsed"),
             sop_uid, caller)
+    staging = ctx.stager.submit(ctx.files.stage, raw) if ctx.stager is not None else None
+    try:
+        return _admit(ctx, raw, sop_class, sop_uid, caller, staging)
+    finally:
+        if staging is not None:  # always waited for: pynetdicom removes `raw` after return
+            _discard_staged(ctx, staging)
+
+
+def _admit(ctx: StoreContext, raw: Path | bytes, sop_class: str, sop_uid: str, caller: str,
+           staging: Future[Path] | None) -> int | Ignored:
+    """Parse, admission checks and the applicability gate, then _accept."""
     ds = _parse(raw, ctx.max_instance_bytes)
     if isinstance(ds, Rejection):
         return _refuse(ctx, raw, ds, sop_uid, caller)
+    ignored = ignore_reason(ds, sop_class)
+    if ignored is not None:
+        return ignored
     rejection = admission_rejection(ds, sop_class, sop_uid, ctx.decode_on_admission)
     if rejection is not None:
         return _refuse(ctx, raw, rejection, sop_uid, caller)
@@ -151,7 +218,18 @@ def _store(event: Event, ctx: StoreContext) -> int:
     if not verdict.applicable and ctx.refuse_not_applicable:
         return _refuse(ctx, raw, Rejection(Status.NOT_APPLICABLE, verdict.reason), sop_uid,
                        caller)
-    return _accept(ctx, ds, raw, caller, verdict)
+    return _accept(ctx, ds, raw, caller, verdict, staging)
+
+
+def _discard_staged(ctx: StoreContext, staging: Future[Path]) -> None:
+    """Wait for a staging started in _store; remove its file unless it was published. A
+    staging that failed left nothing (its error is the answer's only where _accept used it)."""
+    try:
+        staged = staging.result()
+    except Exception as exc:
+        log.warning("staging a received file failed: %s", redacted(exc))
+        return
+    ctx.files.discard(staged)
 
 
 def _parse(raw: Path | bytes, inflate_limit: int) -> Dataset | Rejection:
@@ -170,6 +248,22 @@ def _parse(raw: Path | bytes, inflate_limit: int) -> Dataset | Rejection:
         return ds
     except Exception as exc:  # readers raise anything (zlib.error, struct.error, ...): refuse
         return Rejection(Status.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {redacted(exc)}")
+
+
+def _header(raw: Path | bytes) -> Dataset | None:
+    """An ignored instance's header, to tell the node's own objects from others: pixel data
+    and long values never read, a deflated body never inflated; None when unreadable."""
+    try:
+        with raw.open("rb") if isinstance(raw, Path) else BytesIO(raw) as fp:
+            read_preamble(fp, False)
+            meta = FileMetaDataset(read_dataset(fp, is_implicit_VR=False,
+                                                is_little_endian=True, stop_when=_past_meta))
+            if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+                return None
+            fp.seek(0)
+            return dcmread(fp, stop_before_pixels=True, defer_size=HEADER_DEFER_BYTES)
+    except Exception:  # whatever it is, it is not an input: answered Success all the same
+        return None
 
 
 def _past_meta(tag: BaseTag, _vr: str | None, _length: int) -> bool:
@@ -211,27 +305,29 @@ def inflated_size(fp: BinaryIO, limit: int) -> int | None:
 
 
 def _accept(ctx: StoreContext, ds: Dataset, raw: Path | bytes, caller: str,
-            verdict: Applicability = NOT_JUDGED) -> int:
+            verdict: Applicability = NOT_JUDGED, staging: Future[Path] | None = None) -> int:
     """Staged durable copy, the queue row, the rename into place, then (maybe) completion:
     Success only after bytes and row are durable; a refused or unwritten row leaves no file.
 
     `raw` is the received file (or its bytes). `verdict` is the applicability gate's, judged
     in _store with admission; a caller that skips admission (tests of the completion rule)
-    skips the gate too."""
+    skips the gate too. `staging`: the durable copy _store started (waited for here, before
+    the row); None stages it now."""
     study, series, sop = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), \
         str(ds.SOPInstanceUID)
     views = tuple(v.value for v in frame_views(ds))
     key = patient_key(ds, ctx.patient_secret)
     path = ctx.files.instance_path(study, series, sop)
-    staged = ctx.files.stage(raw)
+    record = InstanceRecord(
+        sop_uid=sop, study_uid=study, series_uid=series, sop_class_uid=str(ds.SOPClassUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=str(path),
+        views=views, n_frames=len(views), size_bytes=_size(raw), calling_ae=caller,
+        patient_key=key, applicable=verdict.applicable,
+        applicability_reason=verdict.reason, decoded_bytes=_decoded_bytes(ds))
+    staged = ctx.files.stage(raw) if staging is None else staging.result()
     try:
-        outcome = record_instance(ctx.db, InstanceRecord(
-            sop_uid=sop, study_uid=study, series_uid=series, sop_class_uid=str(ds.SOPClassUID),
-            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=str(path),
-            views=views, n_frames=len(views), size_bytes=_size(raw), calling_ae=caller,
-            patient_key=key, applicable=verdict.applicable,
-            applicability_reason=verdict.reason, decoded_bytes=_decoded_bytes(ds),
-        ), limits=ctx.study_limits)
+        with _write_turn(ctx):
+            outcome = record_instance(ctx.db, record, limits=ctx.study_limits)
         if outcome.refusal is None:
             ctx.files.publish(staged, study, series, sop)
     except DatabaseBusy:
@@ -257,7 +353,7 @@ def complete_if_both_views(ctx: StoreContext, study: str, outcome: RecordOutcome
             and outcome.study_state is StudyState.RECEIVING):
         return
     try:
-        with lock_wait_as_busy("mark_complete"):
+        with _write_turn(ctx), lock_wait_as_busy("mark_complete"):
             queued = mark_complete(ctx.db, study, CompletionReason.BOTH_VIEWS)
     except DatabaseBusy:
         log.warning("study %s has both views but the queue database stayed locked; the quiet "
@@ -266,6 +362,25 @@ def complete_if_both_views(ctx: StoreContext, study: str, outcome: RecordOutcome
     if queued:
         log.info("study %s complete: anterior and posterior present", study)
         ctx.on_complete(study)
+
+
+@contextmanager
+def _write_turn(ctx: StoreContext) -> Iterator[None]:
+    """SQLite has one writer at a time. Concurrent C-STOREs of this process wait for their
+    turn on a lock, woken the moment the writer before them commits, instead of in SQLite's
+    busy handler, which sleeps 1, 2, 5, 10, ... 100 ms between tries whatever happened
+    meanwhile (issue 18: four associations queued behind each other's commits). The turn
+    waits at most [node].store_db_wait_seconds (DatabaseBusy after that, as SQLite's wait);
+    SQLite's own wait then covers other processes only."""
+    if ctx.write_turn is None:
+        yield
+        return
+    if not ctx.write_turn.acquire(timeout=ctx.db_wait_seconds):
+        raise DatabaseBusy("waited [node].store_db_wait_seconds for the receiver's write turn")
+    try:
+        yield
+    finally:
+        ctx.write_turn.release()
 
 
 def _intake_rejection(ctx: StoreContext, outcome: RecordOutcome, study: str) -> Rejection:

@@ -43,7 +43,7 @@ from node.logs import setup_logging
 from node.receive.server import open_file_store, receive_to_files, start_scp
 from node.runtime import libc_function, release_library_pages, tune_malloc
 from storage.db import Database
-from storage.filestore import FileStore
+from storage.filestore import FileStore, receiver_name
 
 log = logging.getLogger(__name__)
 
@@ -282,8 +282,9 @@ def serve_child(inp: IO[str], out: IO[str]) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent decides: it closes stdin
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent too
     files = open_file_store(cfg)
-    files.clear_receiving()  # a receiver killed mid-transfer left its datasets there
-    receive_to_files(files.receiving)
+    own = receiver_name()  # receivers sharing the store (other machines too) keep apart
+    files.clear_receiving(own)  # a receiver killed mid-transfer left its datasets there
+    receive_to_files(files.receiving_dir(own))
     db = Database(cfg.database_url)
     try:
         server = _bind(cfg, files, db, out)

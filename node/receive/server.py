@@ -7,20 +7,23 @@ import logging
 import os
 import secrets
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
+from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node import tls
 from node.config import Config
-from node.dicom.codes import ACCEPTED_SOP_CLASSES, VERIFICATION
+from node.dicom.codes import ACCEPTED_SOP_CLASSES, STORAGE_SOP_CLASSES, VERIFICATION
 from node.dicom.pixels import accepted_transfer_syntaxes
 from node.receive.allowlist import check_caller, refused_caller
-from node.receive.association import handle_accepted, handle_rejected
+from node.receive.association import IgnoredCounts, Tallies, handle_closed, handle_rejected
 from node.receive.handlers import (
     MIB,
     StoreContext,
@@ -29,9 +32,9 @@ from node.receive.handlers import (
     handle_store,
 )
 from node.receive.listener import GateLimits, PeerLog, start_server
-from storage.db import Database
+from storage.db import Database, DatabaseBusy
 from storage.filestore import FileStore, QuarantineLimits
-from storage.intake import StudyLimits
+from storage.intake import StudyLimits, count_ignored
 
 log = logging.getLogger(__name__)
 
@@ -46,26 +49,58 @@ def start_scp(cfg: Config, files: FileStore, db: Database,
     ae.acse_timeout = cfg.node.acse_timeout
     ae.dimse_timeout = cfg.node.dimse_timeout
     ae.network_timeout = cfg.node.network_timeout
-    syntaxes = accepted_transfer_syntaxes()
-    for uid in sorted(ACCEPTED_SOP_CLASSES):
-        ae.add_supported_context(uid, syntaxes)
-    ae.add_supported_context(VERIFICATION)
+    add_storage_contexts(ae)
+    recorder = partial(record_ignored, db.with_lock_wait(cfg.node.store_db_wait_seconds))
     ctx = StoreContext(files=files, db=db.with_lock_wait(cfg.node.store_db_wait_seconds),
                        patient_secret=patient_secret(cfg.storage_root),
                        on_complete=on_complete, min_free_bytes=cfg.min_free_bytes,
                        max_instance_bytes=cfg.admission.max_instance_mb * MIB,
                        study_limits=StudyLimits(cfg.admission.max_study_instances,
-                                                cfg.admission.max_study_decoded_mb * MIB),
-                       refuse_not_applicable=cfg.admission.refuses_not_applicable)
+                                                cfg.admission.max_study_decoded_mb * MIB,
+                                                cfg.completion.amend_window_days),
+                       refuse_not_applicable=cfg.admission.refuses_not_applicable,
+                       refused_sop_classes=cfg.admission.refused_sop_class_uids,
+                       tallies=Tallies(recorder), stager=stager(cfg),
+                       write_turn=threading.Lock() if db.dialect == "sqlite" else None,
+                       db_wait_seconds=cfg.node.store_db_wait_seconds)
     peer_log = PeerLog(cfg.node.log_lines_per_address, cfg.node.log_window_seconds)
     handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [ctx]),
                 (evt.EVT_CONN_CLOSE, handle_conn_close),
                 (evt.EVT_REQUESTED, partial(check_caller, cfg.caller_rules, peer_log)),
                 (evt.EVT_REJECTED, handle_rejected, [peer_log]),
-                (evt.EVT_ACCEPTED, handle_accepted, [peer_log])]
+                (evt.EVT_CONN_CLOSE, handle_closed, [ctx.tallies, peer_log])]
     screen = partial(refused_caller, cfg.caller_rules, peer_log) if cfg.caller_rules else None
     return start_server(ae, (cfg.node.bind_address, cfg.node.port), handlers,
                         tls.server_context(cfg), GateLimits.from_config(cfg), peer_log, screen)
+
+
+def stager(cfg: Config) -> ThreadPoolExecutor:
+    """Threads that stage received files durably while their C-STOREs are parsed and
+    checked (node.receive.handlers): at most one per association the SCP accepts at once,
+    each idle until a C-STORE needs it."""
+    return ThreadPoolExecutor(max_workers=max(1, cfg.node.max_associations),
+                              thread_name_prefix="dscint-stage")
+
+
+def add_storage_contexts(ae: AE) -> None:
+    """Inputs (NM, SC) in the transfer syntaxes the node can decode; every other standard
+    storage class in any transfer syntax (only its header is ever read, see
+    node.receive.handlers); Verification."""
+    syntaxes = accepted_transfer_syntaxes()
+    every = [str(u) for u in AllTransferSyntaxes]
+    for uid in sorted(STORAGE_SOP_CLASSES | ACCEPTED_SOP_CLASSES):
+        ae.add_supported_context(uid, syntaxes if uid in ACCEPTED_SOP_CLASSES else every)
+    ae.add_supported_context(VERIFICATION)
+
+
+def record_ignored(db: Database, counts: IgnoredCounts, calling_ae: str) -> None:
+    """One association's ignored counts into the database (a count lost to a locked database
+    is logged, never an error for the sender, who was answered long ago)."""
+    try:
+        count_ignored(db, counts, calling_ae)
+    except DatabaseBusy:
+        log.warning("ignored-instance counts of an association from AE %s not recorded: the "
+                    "queue database stayed locked", calling_ae)
 
 
 def receive_to_files(directory: Path) -> None:

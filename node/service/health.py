@@ -38,10 +38,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from node.config import Config
+from node.dicom.codes import sop_class_keyword
+from node.service.drift import DriftReport
+from node.service.drift import as_data as drift_data
+from node.service.drift import problem_line as drift_problem
 from storage.db import Database
+from storage.intake import ignored_totals
 from storage.jobs import failed_studies, jobs_retrying
 from storage.reports import queue_depth, work_backlog
 
@@ -78,6 +83,10 @@ class Metrics:
                                "dead (dead-lettered)", ["outcome"], registry=r)
         self.retries = Counter("dscint_retries", "retries scheduled, by stage", ["stage"],
                                registry=r)
+        self.export_failures = Counter("dscint_export_failures", "failed export attempts by "
+                                       "what happened (connection_refused, "
+                                       "association_rejected, no_presentation_context, "
+                                       "failure_status, ...)", ["reason"], registry=r)
         self.store_seconds = Histogram("dscint_cstore_seconds", "C-STORE handling: request "
                                        "received to answer sent", buckets=STORE_BUCKETS,
                                        registry=r)
@@ -87,6 +96,7 @@ class Metrics:
         self.ack_seconds = Histogram("dscint_last_instance_to_ack_seconds", "a study's last "
                                      "instance written to PACS acknowledging its first result "
                                      "object (the SR)", buckets=ACK_BUCKETS, registry=r)
+        self._shadow_metrics(r)
         self._acked: OrderedDict[str, None] = OrderedDict()  # studies already timed
         self._callers: set[str] = set()
         self._max_callers = max_callers
@@ -118,6 +128,10 @@ class Metrics:
         """One study failed classification."""
         self.studies.labels("failed", "").inc()
 
+    def observe_export_failure(self, reason: str) -> None:
+        """One export attempt failed, by kind (node.export.scu.failure_reason: a fixed set)."""
+        self.export_failures.labels(reason).inc()
+
     def observe_retry(self, stage: str) -> None:
         """A retry scheduled: "classify" or "export"."""
         self.retries.labels(stage).inc()
@@ -139,6 +153,58 @@ class Metrics:
             while len(self._acked) > ACKED_REMEMBERED:
                 self._acked.popitem(last=False)
         self.ack_seconds.observe(ack_seconds)
+
+    def _shadow_metrics(self, r: CollectorRegistry) -> None:
+        """Shadow trials (node.classify.shadow): counted here as they run; agreement and
+        accuracy against feedback over the whole trial set from the database
+        (`set_shadow_summary`), for the version in shadow only."""
+        self.shadow_studies = Counter("dscint_shadow_studies", "studies the shadow model "
+                                      "classified, by version and outcome: agree, disagree "
+                                      "(with the serving model) or failed",
+                                      ["version", "outcome"], registry=r)
+        self.shadow_confusion = Counter("dscint_shadow_confusion", "shadow studies by the "
+                                        "serving model's class and the shadow model's",
+                                        ["version", "serving_class", "shadow_class"],
+                                        registry=r)
+        self.shadow_skipped = Counter("dscint_shadow_skipped", "studies not shadowed: the "
+                                      "shadow backlog was full", registry=r)
+        self.shadow_seconds = Histogram("dscint_shadow_seconds", "one study's shadow "
+                                        "classification", buckets=CLASSIFY_BUCKETS, registry=r)
+        self.shadow_agreement = Gauge("dscint_shadow_agreement", "share of the trial's shadow "
+                                      "studies where shadow and serving model agreed",
+                                      ["version"], registry=r)
+        self.shadow_trial_studies = Gauge("dscint_shadow_trial_studies", "shadow studies of "
+                                          "the running trial (all processes)", ["version"],
+                                          registry=r)
+        self.shadow_accuracy = Gauge("dscint_shadow_accuracy", "accuracy against physician "
+                                     "feedback on the trial's labelled studies, of the shadow "
+                                     "and of the serving model", ["version", "model"],
+                                     registry=r)
+
+    def observe_shadow(self, version: str, serving_class: str, shadow_class: str | None,
+                       seconds: float) -> None:
+        """One study shadowed (`shadow_class` None: the shadow run failed)."""
+        outcome = "failed" if shadow_class is None else \
+            "agree" if shadow_class == serving_class else "disagree"
+        self.shadow_studies.labels(version, outcome).inc()
+        if shadow_class is not None:
+            self.shadow_confusion.labels(version, serving_class, shadow_class).inc()
+            self.shadow_seconds.observe(max(seconds, 0.0))
+
+    def set_shadow_summary(self, version: str | None, studies: int, agreement: float | None,
+                           shadow_accuracy: float | None, serving_accuracy: float | None
+                           ) -> None:
+        """The running trial's figures from the database; none when no trial runs."""
+        for g in (self.shadow_agreement, self.shadow_trial_studies, self.shadow_accuracy):
+            g.clear()
+        if version is None:
+            return
+        self.shadow_trial_studies.labels(version).set(studies)
+        if agreement is not None:
+            self.shadow_agreement.labels(version).set(agreement)
+        if shadow_accuracy is not None and serving_accuracy is not None:
+            self.shadow_accuracy.labels(version, "shadow").set(shadow_accuracy)
+            self.shadow_accuracy.labels(version, "serving").set(serving_accuracy)
 
     def text(self) -> str:
         """The registry in Prometheus text format."""
@@ -178,7 +244,20 @@ def backlog(db: Database, now: datetime) -> Report:
             "failed_studies": work.failed_studies, "last_export_error": work.last_export_error,
             "classify_retrying": jobs_retrying(db), "failed": failed,
             # stored, never classified (no whole-body planar view): counted, not a problem
-            "not_applicable_studies": work.not_applicable_studies}
+            "not_applicable_studies": work.not_applicable_studies,
+            **ignored_report(db)}
+
+
+def ignored_report(db: Database) -> Report:
+    """Instances answered Success and not kept (not inputs, the node's own objects routed
+    back) and those refused by [admission].refuse_sop_classes: totals by kind, and by SOP
+    class keyword (a bounded set: only standard storage classes are negotiated)."""
+    totals: dict[str, int] = {}
+    by_class: dict[str, dict[str, int]] = {}
+    for t in ignored_totals(db):
+        totals[t.kind] = totals.get(t.kind, 0) + t.count
+        by_class.setdefault(sop_class_keyword(t.sop_class_uid), {})[t.kind] = t.count
+    return {"ignored_instances": totals, "ignored_by_sop_class": by_class}
 
 
 def _problems(depth: dict[str, int], work: Report, free: int, watermark: int,
@@ -246,6 +325,18 @@ def add_receiver(report: Report, alive: bool, restarts: int) -> None:
         report["status"] = "degraded"
 
 
+def add_drift(report: Report, drift: DriftReport | None) -> None:
+    """The latest drift verdict (node.service.drift, computed periodically, not per
+    request): drift makes the node degraded, with the characteristics and their shift."""
+    if drift is None:
+        return
+    report["drift"] = {k: v for k, v in drift_data(drift).items() if k != "characteristics"}
+    line = drift_problem(drift)
+    if line is not None:
+        report["problems"].append(line)
+        report["status"] = "degraded"
+
+
 def metrics_text(report: Report) -> str:
     """The report's numbers in Prometheus exposition format."""
     lines = ["# TYPE dscint_degraded gauge",
@@ -260,12 +351,20 @@ def metrics_text(report: Report) -> str:
               "# TYPE dscint_classify_retrying gauge",
               f"dscint_classify_retrying {work.get('classify_retrying', 0)}",
               "# TYPE dscint_not_applicable_studies gauge",
-              f"dscint_not_applicable_studies {work.get('not_applicable_studies', 0)}"]
+              f"dscint_not_applicable_studies {work.get('not_applicable_studies', 0)}",
+              "# TYPE dscint_ignored_instances gauge"]
+    lines += [f'dscint_ignored_instances{{kind="{kind}",sop_class="{keyword}"}} {n}'
+              for keyword, kinds in sorted(work.get("ignored_by_sop_class", {}).items())
+              for kind, n in sorted(kinds.items())]
     receiver = report.get("receiver")
     if receiver is not None:
         lines += ["# TYPE dscint_receiver_up gauge", f"dscint_receiver_up {int(receiver['alive'])}",
                   "# TYPE dscint_receiver_restarts_total counter",
                   f"dscint_receiver_restarts_total {receiver['restarts']}"]
+    drift = report.get("drift")
+    if drift is not None:
+        lines += ["# TYPE dscint_drift gauge",
+                  f"dscint_drift {int(drift.get('verdict') == 'drift')}"]
     disk = report.get("disk", {})
     lines += ["# TYPE dscint_disk_free_bytes gauge",
               f"dscint_disk_free_bytes {disk.get('free_bytes', 0)}",
@@ -283,6 +382,13 @@ def summary_line(report: Report) -> str:
     if not_applicable:
         text += (f"; {not_applicable} study(ies) not applicable (no whole-body planar view: "
                  "stored, not classified)")
+    ignored = report.get("work", {}).get("ignored_instances", {})
+    if ignored:
+        text += (f"; ignored {ignored.get('not_input', 0)} instance(s) that are not inputs and "
+                 f"{ignored.get('own_object', 0)} of the node's own objects routed back")
+        if ignored.get("refused_by_site"):
+            text += (f", refused {ignored['refused_by_site']} by "
+                     "[admission].refuse_sop_classes")
     return text + "".join(f"\n  - {p}" for p in report["problems"])
 
 

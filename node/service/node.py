@@ -9,37 +9,48 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from functools import partial
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom.uid import generate_uid
 from pynetdicom.transport import ThreadedAssociationServer
 
-from model.classifier import Classifier
 from node import tls
-from node.classify import worker
-from node.classify.sr import DeviceInfo
 from node.config import Config
 from node.export import delivery as exporter
 from node.export.policy import backoff_delay
-from node.export.scu import Destination
+from node.export.scu import Destination, failure_reason
 from node.logs import keep_phi_out_of_logs
 from node.receive.process import ReceiverProcess, StoreTimer
 from node.receive.server import open_file_store, start_scp
 from node.service import health, housekeeping
 from node.service.alerts import Alerter
-from node.service.models import ModelHolder
+from node.service.drift import DriftMonitor, reference_text
 from node.service.web import PageSource
+from storage.amend import requeue_amendments
 from storage.db import CompletionReason, Database
 from storage.exports import ClaimedExport, release_stale_exports, renew_export_claims
+from storage.feedback import feedback_labels
 from storage.filestore import FileStore
 from storage.intake import mark_complete, studies_due_quiet
 from storage.jobs import release_stale_claims, renew_claims
+from storage.notify import WorkListener, notify_work, supports_notify
+from storage.shadow import active_shadow, shadow_summary
+
+if TYPE_CHECKING:  # torch, highdicom and the model: imported where a classifying role uses
+    # them, so `python -m node receive` never loads them (tests/test_roles.py checks its maps)
+    from model.classifier import Classifier
+    from node.classify.shadow import ShadowOutcome, ShadowRunner
+    from node.classify.sr import DeviceInfo
+    from node.service.models import ModelHolder
 
 log = logging.getLogger(__name__)
 
 SOFTWARE_VERSION = "0.1.0"
+SHADOW_SUMMARY_SECONDS = 30.0  # how often /metrics' shadow agreement is read from the database
 
 
 class Role(StrEnum):
@@ -65,6 +76,7 @@ class Role(StrEnum):
 
 def device_info(cfg: Config) -> DeviceInfo:
     """Stable identity of this node as the SR's device observer."""
+    from node.classify.sr import DeviceInfo
     host = socket.gethostname()
     return DeviceInfo(ae_title=cfg.node.ae_title, software_version=SOFTWARE_VERSION,
                       station_name=host[:16],
@@ -79,6 +91,7 @@ class Node:
     cfg: Config
     model_check_seconds: float = 5.0  # how often the registry's serving version is checked
     role: Role = Role.SERVE
+    worker_idle_seconds: float = 1.0  # an idle worker polls this often (woken sooner, below)
     db: Database = field(init=False)
     files: FileStore = field(init=False)
     models: ModelHolder | None = field(init=False, default=None)
@@ -91,8 +104,11 @@ class Node:
     _export: threading.Event = field(init=False, default_factory=threading.Event)
     _scheduler: BackgroundScheduler | None = field(init=False, default=None)
     _health: health.HealthServer | None = field(init=False, default=None)
+    _listener: WorkListener | None = field(init=False, default=None)  # PostgreSQL workers
     metrics: health.Metrics = field(init=False, default_factory=health.Metrics)
     alerts: Alerter = field(init=False)
+    drift: DriftMonitor | None = field(init=False, default=None)  # classifying roles only
+    shadow: ShadowRunner | None = field(init=False, default=None)  # classifying roles only
 
     def __post_init__(self) -> None:
         """Open storage and load the model; a broken model (or TLS file) stops start-up here.
@@ -105,8 +121,9 @@ class Node:
         self.db.create_all()
         if not self.role.classifies:
             return  # a receiver never loads the model
+        from node.service.models import ModelHolder
         try:
-            self.models = ModelHolder(self.db, self.cfg.model_path)
+            self.models = ModelHolder(self.db, self.cfg.model_path, self.cfg.storage_root)
         except BaseException:
             self.db.dispose()
             raise
@@ -194,6 +211,7 @@ class Node:
         return self
 
     def _start_threads(self) -> None:
+        from node.classify import worker
         n = self.cfg.node
         wctx = worker.WorkerContext(
             db=self.db, files=self.files, classifier=self.current_classifier,
@@ -203,14 +221,20 @@ class Node:
                                 cap_seconds=n.classify_backoff_cap_seconds),
             on_classified=self._on_classified, on_failed=self._on_failed,
             on_retry=partial(self.metrics.observe_retry, "classify"),
-            indeterminate_below=self.cfg.model.indeterminate_below)
+            indeterminate_below=self.cfg.model.indeterminate_below,
+            result_image=self.cfg.results.image, result_pdf=self.cfg.results.pdf,
+            file_sha256=self._holder().file_sha256)
+        self._start_shadow()
         for i in range(self.cfg.node.worker_threads):
             self._spawn(f"worker-{i}", partial(worker.run_forever, wctx,
                                                f"{self.worker_prefix}:w{i}", self._work,
-                                               self._stop))
+                                               self._stop, self.worker_idle_seconds))
+        if supports_notify(self.db):  # a receiver on another machine wakes us at once
+            self._listener = WorkListener(self.db, self._work.set).start()
         p = self.cfg.pacs
         dest = Destination(p.ae_title, p.host, p.port, tls=tls.client_context(self.cfg),
-                           tls_server_name=tls.pacs_server_name(self.cfg))
+                           tls_server_name=tls.pacs_server_name(self.cfg),
+                           sr_classes=self.cfg.pacs.sr_class_uids)
         ectx = exporter.ExportContext(self.db, dest, self.cfg.node.ae_title, self.cfg.export,
                                       on_outcome=self._on_export)
         self._spawn("exporter", partial(exporter.run_forever, ectx, f"{self.worker_prefix}:x0",
@@ -218,9 +242,40 @@ class Node:
 
     def _on_classified(self, study_uid: str, predicted_class: str,
                        probabilities: Mapping[str, float], seconds: float) -> None:
-        """A study classified: counted, maybe alerted."""
+        """A study classified: counted, maybe alerted, then shadowed when a trial runs."""
         self.metrics.observe_classified(predicted_class, seconds)
         self.alerts.classified(study_uid, predicted_class, probabilities)
+        if self.shadow is not None:
+            self.shadow.submit(study_uid)
+
+    def _start_shadow(self) -> None:
+        """The shadow runner (node.classify.shadow): idle until a trial names a version."""
+        from node.classify.shadow import ShadowContext, ShadowRunner
+
+        def model() -> tuple[str, Classifier] | None:
+            s = self._holder().shadow()
+            return (s.version, s.classifier) if s is not None else None
+
+        def outcome(o: ShadowOutcome) -> None:
+            self.metrics.observe_shadow(o.version, o.serving_class, o.shadow_class, o.seconds)
+
+        self.shadow = ShadowRunner(ShadowContext(
+            self.db, model, self.cfg.model.indeterminate_below, on_outcome=outcome,
+            on_skipped=self.metrics.shadow_skipped.inc), self.cfg.model.shadow_backlog).start()
+
+    def refresh_shadow_metrics(self) -> None:
+        """The running trial's agreement and accuracy against feedback, from the database,
+        into /metrics. Never raises (the scheduler must keep running)."""
+        try:
+            version = active_shadow(self.db)
+            if version is None:
+                self.metrics.set_shadow_summary(None, 0, None, None, None)
+                return
+            s = shadow_summary(self.db, version, feedback_labels(self.db))
+            self.metrics.set_shadow_summary(version, s.studies, s.agreement, s.shadow_accuracy,
+                                            s.serving_accuracy)
+        except Exception:
+            log.exception("shadow summary for /metrics failed")
 
     def _on_failed(self, study_uid: str, reason: str) -> None:
         """A study failed classification: counted and alerted."""
@@ -232,6 +287,8 @@ class Node:
         letter alerted."""
         ack = self._since_last_instance(job.study_uid) if outcome == "delivered" else None
         self.metrics.observe_export(outcome, job.study_uid, ack)
+        if outcome != "delivered":
+            self.metrics.observe_export_failure(failure_reason(error))
         if outcome == "dead":
             self.alerts.dead_letter(job.study_uid, job.sr_sop_uid, job.attempts, error)
 
@@ -267,6 +324,10 @@ class Node:
                           max_instances=1, coalesce=True)
             sched.add_job(self.refresh_model, "interval", seconds=self.model_check_seconds,
                           id="model-watch", max_instances=1, coalesce=True)
+            sched.add_job(self.refresh_shadow_metrics, "interval",
+                          seconds=max(self.model_check_seconds, SHADOW_SUMMARY_SECONDS),
+                          id="shadow-summary", max_instances=1, coalesce=True)
+            self._schedule_drift(sched)
             sched.add_job(partial(housekeeping.run_housekeeping, self.db, self.files,
                                   self.cfg.storage), "interval",
                           seconds=self.cfg.storage.housekeeping_seconds, id="housekeeping",
@@ -278,8 +339,24 @@ class Node:
         sched.start()
         self._scheduler = sched
 
+    def _schedule_drift(self, sched: BackgroundScheduler) -> None:
+        """The drift check ([drift].check_seconds; 0 = off): once at start, then periodically;
+        GET /health reads its latest verdict."""
+        if self.cfg.drift.check_seconds <= 0:
+            return
+        self.drift = DriftMonitor(self.db, self.cfg.drift, self._drift_reference)
+        sched.add_job(self.drift.refresh, "interval", seconds=self.cfg.drift.check_seconds,
+                      id="drift", max_instances=1, coalesce=True,
+                      next_run_time=datetime.now(UTC))
+
+    def _drift_reference(self) -> str:
+        """What drift is measured against, naming the model served now."""
+        m = self.current_classifier().metadata
+        return reference_text(m.version, m.training_data, self.cfg.drift.baseline_windows)
+
     def sweep(self) -> int:
-        """Complete studies that went quiet; release claims of crashed peers. Returns count."""
+        """Complete studies that went quiet, queue quiet ones with new views after their
+        result for an amended one; release claims of crashed peers. Returns count."""
         n = 0
         try:
             for uid in studies_due_quiet(self.db, self.cfg.completion.quiet_seconds):
@@ -287,25 +364,32 @@ class Node:
                     log.info("study %s complete after %.0f s without new instances (not both "
                              "views seen)", uid, self.cfg.completion.quiet_seconds)
                     n += 1
+            n += len(requeue_amendments(self.db, self.cfg.completion.quiet_seconds))
             lease = self.cfg.node.claim_lease_seconds
             if release_stale_claims(self.db, lease):
-                self._work.set()
+                self.work_queued()
             release_stale_exports(self.db, lease)
         except Exception:  # the scheduler must keep running
             log.exception("completion sweep failed")
         if n:
-            self._work.set()
+            self.work_queued()
         return n
+
+    def work_queued(self) -> None:
+        """A study is ready to classify: wake this process's workers and, on PostgreSQL,
+        every worker process's listener (other machines included)."""
+        self._work.set()
+        notify_work(self.db)
 
     def _start_scp(self) -> None:
         """The receiver: a process of its own ([node].receiver_process) or threads here."""
         if self.cfg.node.receiver_process:
-            self._receiver = ReceiverProcess(self.cfg, on_complete=self._work.set,
+            self._receiver = ReceiverProcess(self.cfg, on_complete=self.work_queued,
                                              on_stored=self.metrics.observe_store).start()
             self.port = self._receiver.port
             return
         self._server = start_scp(self.cfg, self.files, self.db,
-                                 on_complete=lambda _uid: self._work.set())
+                                 on_complete=lambda _uid: self.work_queued())
         StoreTimer(self.metrics.observe_store).bind(self._server)
         self.port = int(self._server.server_address[1])
 
@@ -335,6 +419,7 @@ class Node:
                 self.db, self.cfg, health.ModelSummary(m.name, m.version, m.weights_sha256))
         if self._receiver is not None:
             health.add_receiver(report, self._receiver.alive(), self._receiver.restarts)
+        health.add_drift(report, self.drift.latest() if self.drift is not None else None)
         return report
 
     def stop(self) -> None:
@@ -351,6 +436,11 @@ class Node:
         self._stop.set()
         self._work.set()
         self._export.set()
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+        if self.shadow is not None:
+            self.shadow.stop()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None

@@ -3,6 +3,8 @@ of the admission rules and view detection that need no file and no running node.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
@@ -25,8 +27,8 @@ def code_item(value: str, meaning: str, scheme: str = "SCT") -> Dataset:
 def detector_item(view_code: Dataset | None) -> Dataset:
     """A Detector Information Sequence item, with a View Code Sequence when given."""
     item = Dataset()
-    if view_code is not None:
-        item.ViewCodeSequence = Sequence([view_code])
+    if view_code is not None:  # a copy: a test that edits its dataset leaves ANT_CODE alone
+        item.ViewCodeSequence = Sequence([copy.deepcopy(view_code)])
     return item
 
 

@@ -12,8 +12,11 @@ dataset bytes are broken in one way, with what the node should do about it:
   deflated, odd length with padding): stored like any other instance;
 - EITHER: randomly garbled bytes: any answer will do, as long as there is one (and a refusal
   follows the REFUSE rules);
-- NOT_NEGOTIATED: an unknown transfer syntax or SOP class: the association refuses the
-  presentation context, so nothing can be sent at all.
+- IGNORE: valid DICOM that is not an input (a CT image, a Secondary Capture of another
+  modality): Success, and nothing kept, classified or quarantined (a study-level route from
+  PACS carries such objects beside the bone scan);
+- NOT_NEGOTIATED: an unknown transfer syntax or a SOP class that is no standard storage class:
+  the association refuses the presentation context, so nothing can be sent at all.
 
 Where exactly one status is right, `HostileInput.status` names it: codestream bombs (a frame's
 JPEG 2000, JPEG or JPEG-LS header declaring 16384 x 16384 or 4096 tiles in a 64 x 64 DICOM
@@ -80,6 +83,7 @@ from node.export.scu import Destination
 
 CT_IMAGE_STORAGE = str(CTImageStorage)
 UNKNOWN_TRANSFER_SYNTAX = "1.2.840.10008.1.2.4.999"
+PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.8.498.99.1"  # no standard storage class
 # Header fields a mutation may hit, and the VRs a swap may give an element.
 PIXEL_FIELDS = ("Rows", "Columns", "NumberOfFrames", "BitsAllocated", "BitsStored", "HighBit",
                 "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation",
@@ -100,6 +104,7 @@ class Expect(StrEnum):
     REFUSE = "refuse"
     ACCEPT = "accept"
     EITHER = "either"
+    IGNORE = "ignore"
     NOT_NEGOTIATED = "not_negotiated"
 
 
@@ -632,7 +637,7 @@ def _uid_cases(base: Dataset, seed: int) -> Iterator[HostileInput]:
     ds = fresh(base, seed, "ct-modality")
     ds.SOPClassUID = SC_IMAGE_STORAGE
     ds.Modality = "CT"
-    yield make_input("identity:Secondary Capture with Modality CT", ds, Expect.REFUSE)
+    yield make_input("identity:Secondary Capture with Modality CT", ds, Expect.IGNORE)
 
 
 def _structure_cases(base: Dataset, seed: int) -> Iterator[HostileInput]:
@@ -684,9 +689,12 @@ def _negotiation_cases(base: Dataset, seed: int) -> Iterator[HostileInput]:
     ds = fresh(base, seed, "unknown-ts")
     yield make_input("negotiation:unknown transfer syntax", ds, Expect.NOT_NEGOTIATED,
                      transfer_syntax=UNKNOWN_TRANSFER_SYNTAX)
+    ds = fresh(base, seed, "private-class")
+    ds.SOPClassUID = PRIVATE_SOP_CLASS
+    yield make_input("negotiation:private SOP class", ds, Expect.NOT_NEGOTIATED)
     ds = fresh(base, seed, "ct-class")
     ds.SOPClassUID = CT_IMAGE_STORAGE
-    yield make_input("negotiation:CT Image Storage", ds, Expect.NOT_NEGOTIATED)
+    yield make_input("ignored:CT Image Storage", ds, Expect.IGNORE)
 
 
 def _applicability_cases(base: Dataset, seed: int) -> Iterator[HostileInput]:

@@ -280,6 +280,22 @@ class Orthanc:
         """POST a JSON body, JSON answer."""
         return self._request("POST", path, body)
 
+    def put(self, path: str, body: object) -> Any:
+        """PUT a JSON body, JSON answer."""
+        return self._request("PUT", path, body)
+
+    def add_modality(self, name: str, ae_title: str, port: int) -> None:
+        """Declare a DICOM peer on 127.0.0.1 at run time (REST PUT /modalities/{name})."""
+        self.put(f"/modalities/{name}", {"AET": ae_title, "Host": "127.0.0.1", "Port": port})
+
+    def route(self, modality: str, resources: Sequence[str]) -> dict[str, Any]:
+        """C-STORE the resources (studies, series, instances) to a declared peer with
+        Orthanc's own SCU, synchronously, as a routing rule would; the job's answer. A failed
+        C-STORE makes Orthanc answer an HTTP error: raised (urllib.error.HTTPError)."""
+        answer = self.post(f"/modalities/{modality}/store",
+                           {"Resources": list(resources), "Synchronous": True})
+        return dict(answer or {})
+
     def clear(self) -> None:
         """Delete every patient, so tests sharing one Orthanc start from an empty PACS."""
         for pid in self.get("/patients"):

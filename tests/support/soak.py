@@ -224,7 +224,7 @@ def run_hostile(cases: list[hostile.HostileInput], port: int, workdir: Path,
         tally.answered += 1
         if not expected_answer(case.expect, status):
             tally.unexpected.append(f"{case.name}: 0x{status:04X}, expected {case.expect}")
-        if status == 0:
+        if status == 0 and case.expect is not hostile.Expect.IGNORE:  # ignored: not kept
             path = workdir / "accepted" / f"{case.sop_uid}.dcm"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(case.part10())
@@ -276,7 +276,7 @@ def _still_open(sock: socket.socket) -> bool:
 
 def expected_answer(expect: hostile.Expect, status: int) -> bool:
     """Does a status fit the expectation? (NOT_NEGOTIATED inputs are never sent.)"""
-    if expect is hostile.Expect.ACCEPT:
+    if expect in (hostile.Expect.ACCEPT, hostile.Expect.IGNORE):
         return status == 0
     if expect is hostile.Expect.REFUSE:
         return is_specific_refusal(status)
