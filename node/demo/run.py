@@ -24,6 +24,7 @@ from model.phantoms import generate_study
 from node.config import Config, load_config, with_overrides
 from node.demo.modality import send_paths
 from node.demo.pacs_standin import PacsStandIn
+from node.dicom.codes import ENCAPSULATED_PDF_STORAGE, SC_IMAGE_STORAGE, SR_STORAGE_CLASSES
 from node.export.scu import Destination
 from node.ops.phantoms import train_on_phantoms
 from node.service.node import Node
@@ -107,6 +108,14 @@ def _table(sent: list[SentStudy]) -> Table:
     return t
 
 
+def _objects_line(pacs: PacsStandIn) -> str:
+    """What PACS holds: every study's SR, and beside it what any viewer can show."""
+    kinds = (("SR", SR_STORAGE_CLASSES), ("result images", (SC_IMAGE_STORAGE,)),
+             ("PDF reports", (ENCAPSULATED_PDF_STORAGE,)))
+    counts = ", ".join(f"{len(pacs.objects(classes))} {name}" for name, classes in kinds)
+    return f"objects at the PACS stand-in: {counts}"
+
+
 def run_demo(cfg: Config | None = None, n_per_class: int = 2, workdir: Path | None = None,
              log_level: str = "WARNING") -> int:
     """Run the loop; exit code 0 when every study got its SR. `log_level` is also the
@@ -132,9 +141,12 @@ def run_demo(cfg: Config | None = None, n_per_class: int = 2, workdir: Path | No
             sent = _send_studies(node, workdir, n_per_class)
             pacs.wait_for(len(sent), timeout=120)
             _collect(sent, pacs)
+            per_study = 1 + node_cfg.results.image + node_cfg.results.pdf
+            pacs.wait_for(per_study * len(sent), timeout=60, sop_classes=None)
     finally:
         pacs.stop()
     console.print(_table(sent))
+    console.print(_objects_line(pacs))
     latencies = [s.latency for s in sent if s.latency is not None]
     correct = sum(s.predicted == s.label for s in sent)
     unsure = sum(s.predicted == INDETERMINATE for s in sent)
