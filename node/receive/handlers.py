@@ -237,9 +237,7 @@ def _parse(raw: Path | bytes, inflate_limit: int) -> Dataset | Rejection:
     inflated here with a bound (pydicom would inflate all of it at once, whatever its size)."""
     try:
         with raw.open("rb") if isinstance(raw, Path) else BytesIO(raw) as fp:
-            read_preamble(fp, False)
-            meta = FileMetaDataset(read_dataset(fp, is_implicit_VR=False,
-                                                is_little_endian=True, stop_when=_past_meta))
+            meta = _file_meta(fp)
             if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
                 return _parse_deflated(fp, meta, inflate_limit)
             fp.seek(0)
@@ -255,15 +253,19 @@ def _header(raw: Path | bytes) -> Dataset | None:
     and long values never read, a deflated body never inflated; None when unreadable."""
     try:
         with raw.open("rb") if isinstance(raw, Path) else BytesIO(raw) as fp:
-            read_preamble(fp, False)
-            meta = FileMetaDataset(read_dataset(fp, is_implicit_VR=False,
-                                                is_little_endian=True, stop_when=_past_meta))
-            if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            if _file_meta(fp).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
                 return None
             fp.seek(0)
             return dcmread(fp, stop_before_pixels=True, defer_size=HEADER_DEFER_BYTES)
     except Exception:  # whatever it is, it is not an input: answered Success all the same
         return None
+
+
+def _file_meta(fp: BinaryIO) -> FileMetaDataset:
+    """The Part-10 file meta group, `fp` left just past it (at the body)."""
+    read_preamble(fp, False)
+    return FileMetaDataset(read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
+                                        stop_when=_past_meta))
 
 
 def _past_meta(tag: BaseTag, _vr: str | None, _length: int) -> bool:
