@@ -151,8 +151,8 @@ def record_instance(db: Database, rec: InstanceRecord, now: datetime | None = No
 
     def attempt() -> RecordOutcome:
         try:
-            with db.session() as s, s.begin():
-                return _record(s, rec, views, when, limits)
+            with db.transaction() as conn:
+                return _record(conn, rec, views, when, limits)
         except _Refused as refused:  # raised inside: a study row inserted for it rolls back
             return refused.outcome
 
@@ -168,11 +168,11 @@ class _Refused(Exception):
         self.outcome = outcome
 
 
-def _record(s: Session, rec: InstanceRecord, views: str, when: datetime,
+def _record(conn: Connection, rec: InstanceRecord, views: str, when: datetime,
             limits: StudyLimits | None = None) -> RecordOutcome:
-    """Prepared Core statements on the session's connection: building ORM statements and
-    their cache keys anew on every C-STORE costs more Python than the SQL itself."""
-    conn = s.connection()
+    """Prepared Core statements on a bare connection: building ORM statements and their
+    cache keys anew on every C-STORE, and a Session around them, cost more Python than the
+    SQL itself."""
     row = conn.execute(_SELECT_STUDY, {"study_uid": rec.study_uid}).one_or_none()
     if row is None:
         conn.execute(_INSERT_STUDY, {  # now, so a racing insert fails here (and is retried)

@@ -12,6 +12,7 @@ import torch
 from model.dscint import Dscint, DscintProbabilities
 from model.export import ModelMetadata, export_torchscript
 from node.demo.pacs_standin import PacsStandIn
+from storage.db import Database
 from tests.support.pg import fresh_database
 from tests.support.pki import Pki, make_pki
 
@@ -69,3 +70,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         return
     with fresh_database() as url:
         yield url
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    """A fresh queue database on `database_url` (both engines), tables created. Modules
+    whose tests need SQLite only define their own."""
+    d = Database(database_url)
+    d.create_all()
+    yield d
+    d.dispose()

@@ -145,14 +145,6 @@ def _study_flags(db: Database, study: str) -> tuple[str, bool, int]:
         return row.state, row.amend_pending, row.late_instance_count
 
 
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    d = Database(database_url)
-    d.create_all()
-    yield d
-    d.dispose()
-
-
 # --- the queue: when a study is amended ----------------------------------------------------
 
 

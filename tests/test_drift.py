@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -44,15 +43,6 @@ OTHER = StudyInputs(manufacturer="OTHER CAMERA CO", matrix="512x128",
 CFG = DriftSection(window_days=7.0, baseline_windows=3, threshold=0.25, min_studies=12,
                    check_seconds=900.0)
 PER_WINDOW = 12
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    """A fresh queue database (SQLite file, or PostgreSQL when a server is configured)."""
-    d = Database(database_url)
-    d.create_all()
-    yield d
-    d.dispose()
 
 
 def seed(db: Database, n: int, start: datetime, inputs: StudyInputs,

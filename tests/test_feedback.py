@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,14 +26,6 @@ from storage.jobs import NewResult, store_result
 from storage.registry import NewModel, register_model
 
 PATIENT = "Doe^Jane"  # in an extra CSV column: must never reach a log or a message
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    d = Database(database_url)
-    d.create_all()
-    yield d
-    d.dispose()
 
 
 def _config(tmp_path: Path, database_url: str) -> Path:

@@ -1,6 +1,7 @@
 """Staging a received file (issue 18): a second name for the bytes pynetdicom wrote as the
-PDUs arrived, not a copy; a copy only where no link can be made; and staging started beside
-the checks never leaves a file behind, whatever the answer."""
+PDUs arrived, not a copy; a copy only where no link can be made; staging started beside
+the checks never leaves a file behind, whatever the answer; and a native instance is
+admitted from its header, its pixels never read."""
 
 from __future__ import annotations
 
@@ -12,8 +13,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from pydicom import Dataset
 
-from node.receive.handlers import StoreContext, _discard_staged, _write_turn
+from model.phantom_dicom import DicomLayout, study_datasets
+from model.phantoms import generate_study
+from node.dicom.admission import admission_rejection
+from node.dicom.pixels import deferred_length, pixel_geometry
+from node.dicom.status import Status
+from node.receive.handlers import (
+    DEFAULT_MAX_INSTANCE_BYTES,
+    StoreContext,
+    _discard_staged,
+    _parse,
+    _write_turn,
+)
 from storage.db import Database, DatabaseBusy
 from storage.filestore import FileStore
 
@@ -94,3 +107,45 @@ def test_a_write_turn_not_had_in_time_is_busy_like_a_locked_database(tmp_path: P
         assert ctx.write_turn.locked()
     assert not ctx.write_turn.locked()
     db.dispose()
+
+
+# --- header-only parse: a native instance's pixels stay on disk ----------------------------
+
+
+def _native_instance(tmp_path: Path, pixel_bytes: int | None = None) -> tuple[Path, Dataset]:
+    """A two-frame whole-body phantom written as pynetdicom leaves a received file;
+    `pixel_bytes` truncates its Pixel Data (a native length error)."""
+    ds = study_datasets(generate_study("normal", seed=3), DicomLayout.MULTIFRAME)[0]
+    if pixel_bytes is not None:
+        ds.PixelData = bytes(ds.PixelData)[:pixel_bytes]
+    path = tmp_path / "received.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, ds
+
+
+def test_a_native_instance_is_admitted_without_reading_its_pixels(tmp_path: Path) -> None:
+    path, sent = _native_instance(tmp_path)
+    ds = _parse(path, DEFAULT_MAX_INSTANCE_BYTES)
+    assert isinstance(ds, Dataset)
+    assert deferred_length(ds, "PixelData") == len(sent.PixelData)
+    assert admission_rejection(ds, str(ds.SOPClassUID), str(ds.SOPInstanceUID)) is None
+    assert pixel_geometry(ds).decoded_bytes > 0  # type: ignore[union-attr]
+    # every check ran and the value was never read: still only its length, from the header
+    assert deferred_length(ds, "PixelData") == len(sent.PixelData)
+    assert bytes(ds.PixelData) == bytes(sent.PixelData)  # read on use, from the file
+
+
+def test_a_short_native_pixel_data_is_refused_from_its_header(tmp_path: Path) -> None:
+    path, _ = _native_instance(tmp_path, pixel_bytes=200_000)
+    ds = _parse(path, DEFAULT_MAX_INSTANCE_BYTES)
+    assert isinstance(ds, Dataset) and deferred_length(ds, "PixelData") == 200_000
+    rejection = admission_rejection(ds, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+    assert rejection is not None and rejection.status == Status.BAD_PIXEL_MODULE
+    assert "holds 200000 bytes" in rejection.reason
+
+
+def test_bytes_received_in_memory_are_parsed_whole(tmp_path: Path) -> None:
+    path, _ = _native_instance(tmp_path)
+    ds = _parse(path.read_bytes(), DEFAULT_MAX_INSTANCE_BYTES)
+    assert isinstance(ds, Dataset) and deferred_length(ds, "PixelData") is None
+    assert admission_rejection(ds, str(ds.SOPClassUID), str(ds.SOPInstanceUID)) is None

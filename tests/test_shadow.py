@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import urllib.error
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ from node.demo.modality import send_paths
 from node.demo.pacs_standin import PacsStandIn
 from node.service.models import read_metadata
 from node.service.node import Node
+from node.service.web import render_page
 from storage.db import Database, Result, ShadowResult, Study
 from storage.feedback import record_feedback
 from storage.registry import NewModel, file_sha256, get_model, register_model
@@ -84,6 +86,15 @@ def _metrics(port: int) -> str:
         return rsp.read().decode()
 
 
+def _health(port: int) -> dict[str, object]:
+    """/health's JSON, whatever its status (503 when degraded)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as rsp:
+            return dict(json.loads(rsp.read()))
+    except urllib.error.HTTPError as exc:
+        return dict(json.loads(exc.read()))
+
+
 def _summary_with_studies(db: Database, version: str) -> ShadowSummary | None:
     s = shadow_summary(db, version)
     return s if s.studies or s.failed else None
@@ -116,6 +127,8 @@ def test_shadow_result_is_stored_never_sent_shown_and_exported(
     assert active_shadow(db) == "cand-1"
     with Node(cfg, model_check_seconds=0.2) as node:
         assert node.models is not None and node.models.shadow() is not None
+        assert _health(health_port)["shadow_trial"] == "cand-1"  # the monitor sees the trial
+        assert "shadow trial: version cand-1" in render_page(_health(health_port), [], 10)
         uid = _send(node, tmp_path, 1)
         sr = wait_sr(pacs, uid)
         summary = wait_for(lambda: _summary_with_studies(db, "cand-1"), 60,
@@ -156,6 +169,7 @@ def test_shadow_result_is_stored_never_sent_shown_and_exported(
         assert main(["models", "shadow", "--stop", "--config", str(cfg_file)]) == 0
         wait_for(lambda: node.models is not None and node.models.shadow() is None, 30,
                  "the node to drop the shadow model")
+        assert _health(health_port)["shadow_trial"] is None
         uid2 = _send(node, tmp_path, 2)
         wait_sr(pacs, uid2)
         assert node.shadow is not None

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
 from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import (
@@ -229,21 +230,42 @@ def _syntax_rejection(geometry: PixelGeometry) -> Rejection | None:
 
 
 def _length_rejection(ds: Dataset, geometry: PixelGeometry) -> Rejection | None:
-    """Native data: exact length (one padding byte allowed); encapsulated: starts with an item."""
-    data = ds.get("PixelData")
-    if not isinstance(data, bytes | bytearray) or len(data) == 0:
+    """Native data: exact length (one padding byte allowed); encapsulated: starts with an item.
+    Native data left unread by a header-only parse (a deferred value) is judged by the length
+    in its element header: the receiver never reads the pixels of a native instance."""
+    native = geometry.transfer_syntax in NATIVE_TRANSFER_SYNTAXES
+    length = deferred_length(ds, "PixelData") if native else None
+    data = ds.get("PixelData") if length is None else None
+    if length is None:
+        if not isinstance(data, bytes | bytearray):
+            return Rejection(Status.NO_PIXEL_DATA, "Pixel Data is empty")
+        length = len(data)
+    if length == 0:
         return Rejection(Status.NO_PIXEL_DATA, "Pixel Data is empty")
-    if geometry.transfer_syntax in NATIVE_TRANSFER_SYNTAXES:
+    if native:
         expected = geometry.native_bytes
-        if len(data) not in (expected, expected + 1):
+        if length not in (expected, expected + 1):
             return Rejection(Status.BAD_PIXEL_MODULE,
-                             f"Pixel Data holds {len(data)} bytes but {geometry.frames} x "
+                             f"Pixel Data holds {length} bytes but {geometry.frames} x "
                              f"{geometry.rows} x {geometry.columns} x "
                              f"{geometry.bits_allocated} bits needs {expected}")
-    elif bytes(data[:4]) != _ITEM_TAG:
+    elif data is None or bytes(data[:4]) != _ITEM_TAG:
         return Rejection(Status.BAD_PIXEL_MODULE,
                          "Pixel Data is not encapsulated although the transfer syntax is "
                          "compressed")
+    return None
+
+
+UNDEFINED_LENGTH = 0xFFFFFFFF  # an element's length field for a sequence-like value
+
+
+def deferred_length(ds: Dataset, keyword: str) -> int | None:
+    """The length of a value a header-only parse left unread (pydicom's deferred read, see
+    node.receive.handlers), from its element header; None when it was read (or is absent)."""
+    elem = ds.get_item(keyword, keep_deferred=True)
+    if isinstance(elem, RawDataElement) and elem.value is None \
+            and elem.length != UNDEFINED_LENGTH:
+        return int(elem.length)
     return None
 
 

@@ -73,6 +73,7 @@ MIB = 1024 * 1024
 DEFAULT_MAX_INSTANCE_BYTES = 64 * MIB  # [admission].max_instance_mb's default
 INFLATE_CHUNK = MIB  # a deflated body is inflated (and counted) in pieces this size
 HEADER_DEFER_BYTES = 4096  # an ignored instance's header: longer values are never read
+DEFER_BYTES = 64 * 1024  # an input's values longer than this are read from its file on use
 
 NOT_JUDGED = Applicability(True, "not judged (admission skipped)")  # _accept called directly
 
@@ -233,15 +234,20 @@ def _discard_staged(ctx: StoreContext, staging: Future[Path]) -> None:
 
 
 def _parse(raw: Path | bytes, inflate_limit: int) -> Dataset | Rejection:
-    """Parse the received dataset fully (pixel data stays encoded); a deflated body is
-    inflated here with a bound (pydicom would inflate all of it at once, whatever its size)."""
+    """Parse the received dataset (pixel data stays encoded; from a file, long values are
+    left on disk until used: the handler reads a native instance's header only, issue 18);
+    a deflated body is inflated here with a bound (pydicom would inflate all of it at once,
+    whatever its size)."""
     try:
         with raw.open("rb") if isinstance(raw, Path) else BytesIO(raw) as fp:
             meta = _file_meta(fp)
             if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
                 return _parse_deflated(fp, meta, inflate_limit)
             fp.seek(0)
-            ds = dcmread(fp, force=False)
+            # a received file: values over DEFER_BYTES (the pixels) stay on disk, read only
+            # if a check asks (a compressed instance's frames); a native one never is
+            ds = dcmread(fp, force=False,
+                         defer_size=DEFER_BYTES if isinstance(raw, Path) else None)
         ds.ensure_file_meta()
         return ds
     except Exception as exc:  # readers raise anything (zlib.error, struct.error, ...): refuse

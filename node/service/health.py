@@ -49,6 +49,7 @@ from storage.db import Database
 from storage.intake import ignored_totals
 from storage.jobs import failed_studies, jobs_retrying
 from storage.reports import queue_depth, work_backlog
+from storage.shadow import active_shadow
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +313,7 @@ def health_report(db: Database, cfg: Config, model: ModelSummary | None,
                  "headroom_bytes": free - watermark},
         "model": None if model is None else {"name": model.name, "version": model.version,
                                              "sha256": model.sha256},
+        "shadow_trial": active_shadow(db),  # the version run in shadow (never sent), or None
     }
 
 

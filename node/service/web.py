@@ -156,11 +156,15 @@ def _study_rows(rows: Sequence[StudySummary], now: datetime,
 
 
 def _model(report: Mapping[str, Any]) -> str:
-    m = report.get("model")
+    m, shadow = report.get("model"), report.get("shadow_trial")
+    trial = "" if not shadow else (f"<p>shadow trial: version {_e(shadow)} "
+                                   '<span class="muted">(its results are stored, never sent)'
+                                   "</span></p>")
     if not m:
-        return '<p class="muted">no model loaded</p>'
+        return '<p class="muted">no model loaded</p>' + trial
     return (f"<p>{_e(m.get('name'))} version {_e(m.get('version'))} "
-            f'<span class="muted">sha256 {_e(str(m.get("sha256", ""))[:16])}…</span></p>')
+            f'<span class="muted">sha256 {_e(str(m.get("sha256", ""))[:16])}…</span></p>'
+            + trial)
 
 
 def _problems(report: Mapping[str, Any]) -> str:
