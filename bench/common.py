@@ -7,6 +7,8 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.net import NODE_AE, free_port
@@ -36,6 +38,78 @@ def tree_cpu_seconds(pid: int) -> list[float]:
         with contextlib.suppress(OSError, ValueError, IndexError):
             out.append(cpu_seconds(p))
     return out
+
+
+def rss_pss_mib(pid: int) -> tuple[float, float, float]:
+    """(RSS, PSS, anonymous) of a process in MiB from /proc/<pid>/smaps_rollup. RSS counts
+    every resident page the process maps, so two processes sharing a library page both count
+    it; PSS splits each shared page among its sharers (any process on the machine), so PSS sums
+    to what the processes really hold; anonymous is what the process allocated itself (heap,
+    weights, Python objects), whoever else maps its libraries."""
+    values = {"Rss:": float("nan"), "Pss:": float("nan"), "Anonymous:": float("nan")}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key = line.split(maxsplit=1)[0] if line else ""
+        if key in values:
+            values[key] = int(line.split()[1]) / 1024
+    return values["Rss:"], values["Pss:"], values["Anonymous:"]
+
+
+def tree_memory_mib(pid: int) -> list[tuple[float, float, float]]:
+    """(RSS, PSS, anonymous) of a process and each live descendant, parent first (the node:
+    classifier process, then receiver process)."""
+    out = []
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError, ValueError):
+            out.append(rss_pss_mib(p))
+    return out
+
+
+@dataclass
+class MemorySampler:
+    """Samples a process tree's RSS and PSS every `interval` seconds in a thread while a
+    benchmark runs: the peak of each process and the peak of the sum (sampled, so a spike
+    shorter than the interval may be missed; VmHWM catches it, for RSS only)."""
+
+    pid: int
+    interval: float = 0.2
+    peak_rss: list[float] = field(default_factory=list)
+    peak_pss: list[float] = field(default_factory=list)
+    peak_anon: list[float] = field(default_factory=list)
+    peak_rss_sum: float = 0.0
+    peak_pss_sum: float = 0.0
+    peak_anon_sum: float = 0.0
+    samples: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> MemorySampler:
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()
+
+    def sample(self) -> None:
+        """One reading, folded into the peaks."""
+        mem = tree_memory_mib(self.pid)
+        if not mem:
+            return
+        rss, pss, anon = ([m[i] for m in mem] for i in range(3))
+        self.peak_rss = [max(a, b) for a, b in zip(rss, self.peak_rss or rss, strict=False)]
+        self.peak_pss = [max(a, b) for a, b in zip(pss, self.peak_pss or pss, strict=False)]
+        self.peak_anon = [max(a, b) for a, b in zip(anon, self.peak_anon or anon, strict=False)]
+        self.peak_rss_sum = max(self.peak_rss_sum, sum(rss))
+        self.peak_pss_sum = max(self.peak_pss_sum, sum(pss))
+        self.peak_anon_sum = max(self.peak_anon_sum, sum(anon))
+        self.samples += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
 
 
 _EXPORT_INT8 = """
@@ -79,5 +153,10 @@ def start_bench_node(workdir: Path, model: Path, pacs_port: int, quiet_seconds: 
         "logging": {"level": "WARNING"},
     })
     node = NodeProc(cfg, port, workdir / "node.log")
-    node.start(start_timeout)
+    try:
+        node.start(start_timeout)
+    except BaseException:  # a node too slow to answer would outlive the benchmark
+        if node.alive():
+            node.stop()
+        raise
     return node

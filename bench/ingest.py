@@ -43,7 +43,8 @@ from storage.filestore import FileStore
 from storage.intake import InstanceRecord, record_instance
 from tests.support.interop import Orthanc
 from tests.support.net import dcmtk_env, free_port, wait_port
-from tests.support.nodeproc import export_model, rss_mib, tree_rss_mib
+from tests.support.nodeproc import export_model, rss_mib, tree_rss_mib, write_config
+from tests.support.roles import RoleProc
 
 
 @dataclass
@@ -194,7 +195,32 @@ def run_node(work: Path, model: Path, files: list[Path], assocs: int, two_proces
         pacs.stop()
 
 
-NODE_2P, NODE_1P = "node 2 procs", "node 1 proc"
+def run_receive_role(work: Path, model: Path, files: list[Path], assocs: int) -> Row:
+    """`python -m node receive`: the node's receiver alone (no classifier anywhere), the same
+    SCP, checks and durability, on the same SQLite queue and store: what the receiving costs
+    apart from the classification running beside it in the rows above."""
+    pacs = PacsStandIn(ae_title="BENCH_PACS")
+    pacs.start()
+    rwork = work / f"receive-{assocs}"
+    rwork.mkdir()
+    port = free_port()
+    cfg = write_config(rwork / "config.toml", {
+        "node": {"ae_title": "DSCINT", "port": port},
+        "pacs": {"ae_title": "BENCH_PACS", "host": "127.0.0.1", "port": pacs.port},
+        "storage": {"root": str(rwork / "node")},
+        "model": {"path": str(model)},
+        "completion": {"quiet_seconds": 120.0, "sweep_seconds": 0.2},
+        "logging": {"level": "WARNING"},
+    })
+    role = RoleProc("receive", cfg, rwork / "receive.log", port).start()
+    try:
+        return measure(RECEIVE_ROLE, role.pid, port, "DSCINT", files, assocs)
+    finally:
+        role.stop()
+        pacs.stop()
+
+
+NODE_2P, NODE_1P, RECEIVE_ROLE = "node 2 procs", "node 1 proc", "node receiver"
 STORESCP, ORTHANC, PLAIN = "dcmtk storescp", "orthanc", "pynetdicom"
 STAGES = ("parse", "header checks", "decode check", "views + patient key", "durable write",
           "durable queue row", "rename into place")
@@ -210,8 +236,11 @@ def stage_profile(work: Path, files: list[Path]) -> dict[str, float]:
     clock = _StepClock()
     for path in files:
         raw = path.read_bytes()
-        with clock("parse"):
-            ds = scp._parse(raw, scp.DEFAULT_MAX_INSTANCE_BYTES)
+        received = files_store.receiving_dir("bench-1") / path.name  # as pynetdicom leaves it
+        received.parent.mkdir(parents=True, exist_ok=True)
+        received.write_bytes(raw)
+        with clock("parse"):  # from the received file, as the receiver does: header only
+            ds = scp._parse(received, scp.DEFAULT_MAX_INSTANCE_BYTES)
         assert not isinstance(ds, Rejection)
         with clock("header checks"):
             check_dataset(ds, str(ds.SOPClassUID))
@@ -222,9 +251,6 @@ def stage_profile(work: Path, files: list[Path]) -> dict[str, float]:
             key = patient_key(ds, b"bench")
         study, series, sop = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), \
             str(ds.SOPInstanceUID)
-        received = files_store.receiving_dir("bench-1") / path.name  # as pynetdicom leaves it
-        received.parent.mkdir(parents=True, exist_ok=True)
-        received.write_bytes(raw)
         with clock("durable write"):
             staged = files_store.stage(received)  # a link to the received file, fsynced
         received.unlink()
@@ -282,6 +308,7 @@ def main() -> None:
             rows.append(run_plain_pynetdicom(work, files, assocs))
             rows.append(run_node(work, model, files, assocs, two_processes=True))
             rows.append(run_node(work, model, files, assocs, two_processes=False))
+            rows.append(run_receive_role(work, model, files, assocs))
         stages = stage_profile(work, files[: min(len(files), 100)])
     print(f"{args.files} files of {files and 1.0:.1f} MiB pixel data, {args.studies} studies; "
           "receivers on 127.0.0.1; TCP_NODELAY=1 for DCMTK")
@@ -289,7 +316,8 @@ def main() -> None:
           f"{'/storescp':>11}{'/orthanc':>10}  by process (classifier + receiver): "
           "cpu ms/file; peak MiB")
     print(f"({NODE_2P}: receiver and classifier processes, the default; {NODE_1P}: "
-          "[node].receiver_process = false)")
+          f"[node].receiver_process = false; {RECEIVE_ROLE}: `python -m node receive`, "
+          "nothing classified)")
     ref = {r.associations: r.files_per_s for r in rows if r.receiver == STORESCP}
     orthanc = {r.associations: r.files_per_s for r in rows if r.receiver == ORTHANC}
     for r in rows:

@@ -32,6 +32,7 @@ class ClaimedExport:
     sr_path: str
     destination: str
     attempts: int
+    is_sr: bool = True  # False: another object of the result (its latency is not the SR's)
 
 
 def claim_export(db: Database, worker_id: str, now: datetime | None = None
@@ -57,7 +58,8 @@ def claim_export(db: Database, worker_id: str, now: datetime | None = None
             select(Result.sr_path).where(Result.id == row.result_id)).scalar_one()
     return ClaimedExport(export_id=row.id, result_id=row.result_id, study_uid=row.study_uid,
                          sr_sop_uid=row.sr_sop_uid, sr_path=sr_path,
-                         destination=row.destination, attempts=row.attempts)
+                         destination=row.destination, attempts=row.attempts,
+                         is_sr=row.object_path is None)
 
 
 def renew_export_claims(db: Database, prefix: str, now: datetime | None = None) -> int:

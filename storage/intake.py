@@ -12,7 +12,7 @@ views count: for the anterior/posterior completion rule, for classification and 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -144,10 +144,8 @@ def record_instance(db: Database, rec: InstanceRecord, now: datetime | None = No
     session's lock wait (nothing written either).
     """
     when = utc_now(now)
+    validate_record(rec)
     views = join_views(rec.views)
-    for uid in (rec.sop_uid, rec.study_uid, rec.series_uid, rec.sop_class_uid,
-                rec.transfer_syntax_uid):
-        validate_uid(uid)  # same refusal on SQLite as PostgreSQL's VARCHAR(64) would give
 
     def attempt() -> RecordOutcome:
         try:
@@ -158,6 +156,40 @@ def record_instance(db: Database, rec: InstanceRecord, now: datetime | None = No
 
     with lock_wait_as_busy("record_instance"):
         return retry_on_conflict(attempt, "record_instance")
+
+
+def record_instances(db: Database, recs: Sequence[InstanceRecord], now: datetime | None = None,
+                     limits: StudyLimits | None = None) -> list[RecordOutcome]:
+    """Several instances recorded as `record_instance` would, one after the other, in ONE
+    transaction: one commit (one WAL fsync) for C-STOREs of several associations that
+    waited for the same write (group commit, issue 18). Each runs in a savepoint, so a
+    refused one leaves nothing and the others stand. Outcomes in the order given; an
+    exception (DatabaseBusy, a database error) is every instance's: nothing was recorded.
+    Callers validate each record first (`validate_record`)."""
+    when = utc_now(now)
+
+    def attempt() -> list[RecordOutcome]:
+        out: list[RecordOutcome] = []
+        with db.transaction() as conn:
+            for rec in recs:
+                try:
+                    with conn.begin_nested():
+                        out.append(_record(conn, rec, join_views(rec.views), when, limits))
+                except _Refused as refused:  # its savepoint rolled back; the rest stand
+                    out.append(refused.outcome)
+        return out
+
+    with lock_wait_as_busy("record_instances"):
+        return retry_on_conflict(attempt, "record_instances")
+
+
+def validate_record(rec: InstanceRecord) -> None:
+    """ValueError for a UID no column may hold (the same refusal on SQLite as PostgreSQL's
+    VARCHAR(64) would give) or a view name the views column cannot keep."""
+    for uid in (rec.sop_uid, rec.study_uid, rec.series_uid, rec.sop_class_uid,
+                rec.transfer_syntax_uid):
+        validate_uid(uid)
+    join_views(rec.views)
 
 
 class _Refused(Exception):

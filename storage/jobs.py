@@ -1,5 +1,5 @@
 """Classify jobs: claim, retry later, release, finish, re-queue, and the result (with its
-pending SR export).
+pending SR export); and the ``objects`` job that builds the result's other objects after it.
 
 Claims are single ``UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED) AND
 state = 'pending' RETURNING`` statements: on SQLite they run inside ``BEGIN IMMEDIATE``
@@ -12,6 +12,15 @@ process's heartbeat (``renew_claims``) while it works; ``release_stale_claims`` 
 whose heartbeat stopped (its worker died, on any machine) back to the queue. A worker that
 was presumed dead and finishes after all stores nothing new: the SR UID is deterministic per
 study and model (one result row per SR), and a job already done keeps its one result.
+
+The result image and the PDF report take longer to build than the classification (an evidence
+map each study), so the SR does not wait for them: ``store_result`` commits the SR, its export
+and an ``objects`` job (kind ``OBJECTS``, one active per study) together; a worker claims the
+job, builds the objects of the study's latest result and ``store_objects`` queues their exports
+and closes the job in one transaction. A crash in between leaves the job to be claimed again
+(a claim of a dead worker is released as a classify job's is); the objects' UIDs and files
+are deterministic, so a second build replaces the first and queues nothing twice. Objects jobs
+never move the study's state (it stays ``classified``).
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ from storage.db import Database, Export, ExportState, Job, JobState, Result, Stu
 from storage.drift import StudyInputs, write_profile
 
 log = logging.getLogger(__name__)
+
+OBJECTS = "objects"  # job kind: build a result's image and PDF after its SR (node.classify)
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,8 @@ class NewResult:
     predecessor_id: int | None = None
     # the inputs' characteristics, profiled for drift (storage.drift); None: not profiled
     inputs: StudyInputs | None = None
+    # other objects still to build (after the SR): an ``objects`` job queued with the result
+    objects_pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,11 +91,14 @@ class FailedStudy:
 
 def claim_job(db: Database, worker_id: str, kind: str = CLASSIFY,
               now: datetime | None = None) -> ClaimedJob | None:
-    """Atomically take the oldest pending job; the study becomes ``classifying``."""
+    """Atomically take the oldest pending job of `kind`; for a classify job the study
+    becomes ``classifying`` (an objects job leaves it ``classified``)."""
     with db.session() as s, s.begin():
         row = s.execute(_job_claim_stmt(worker_id, kind, utc_now(now))).one_or_none()
         if row is None:
             return None
+        if kind != CLASSIFY:
+            return ClaimedJob(job_id=row.id, study_uid=row.study_uid, attempts=row.attempts)
         s.execute(update(Study).where(Study.study_uid == row.study_uid)
                   .values(state=StudyState.CLASSIFYING.value, amend_pending=False)
                   .execution_options(**NO_SYNC))  # this attempt reads every view in so far
@@ -126,13 +142,15 @@ def release_stale_claims(db: Database, older_than_seconds: float,
     if prefix is not None:
         conds.append(owned_by(Job.claimed_by, prefix))
     with db.session() as s, s.begin():
-        studies = s.execute(update(Job).where(*conds)
-                            .values(state=JobState.PENDING.value, claimed_by=None,
-                                    claimed_at=None, heartbeat_at=None)
-                            .returning(Job.study_uid).execution_options(**NO_SYNC)
-                            ).scalars().all()
-        if studies:
-            s.execute(update(Study).where(Study.study_uid.in_(sorted(set(studies))),
+        released = s.execute(update(Job).where(*conds)
+                             .values(state=JobState.PENDING.value, claimed_by=None,
+                                     claimed_at=None, heartbeat_at=None)
+                             .returning(Job.study_uid, Job.kind).execution_options(**NO_SYNC)
+                             ).all()
+        studies = [uid for uid, _kind in released]
+        classifying = sorted({uid for uid, kind in released if kind == CLASSIFY})
+        if classifying:  # an objects job's study stays classified
+            s.execute(update(Study).where(Study.study_uid.in_(classifying),
                                           Study.state == StudyState.CLASSIFYING.value)
                       .values(state=StudyState.COMPLETE.value).execution_options(**NO_SYNC))
     if studies:
@@ -142,45 +160,52 @@ def release_stale_claims(db: Database, older_than_seconds: float,
 
 def finish_job(db: Database, job_id: int, ok: bool, error: str | None = None,
                now: datetime | None = None) -> None:
-    """Close a job and move its study to ``classified`` or ``failed``."""
+    """Close a job and move its study to ``classified`` or ``failed`` (a classify job's)."""
     when = utc_now(now)
     with db.session() as s, s.begin():
         _close_job(s, job_id, ok, error, when)
 
 
 def _close_job(s: Session, job_id: int, ok: bool, error: str | None, when: datetime) -> None:
-    """The job done or failed, its study classified or failed, in the caller's transaction."""
+    """The job done or failed and, a classify job's, its study classified or failed, in the
+    caller's transaction."""
     job_state, study_state = (JobState.DONE, StudyState.CLASSIFIED) if ok \
         else (JobState.FAILED, StudyState.FAILED)
     values = dict(state=job_state.value, finished_at=when, error=error, not_before=None)
     if not ok:
         values["last_error"] = error
-    study_uid = s.execute(update(Job).where(Job.id == job_id).values(**values)
-                          .returning(Job.study_uid).execution_options(**NO_SYNC)
-                          ).scalar_one_or_none()
-    if study_uid is None:
+    row = s.execute(update(Job).where(Job.id == job_id).values(**values)
+                    .returning(Job.study_uid, Job.kind).execution_options(**NO_SYNC)
+                    ).one_or_none()
+    if row is None:
         raise LookupError(f"no job with id {job_id}")
+    study_uid, kind = row
+    if kind != CLASSIFY:  # the result's other objects: the study stays classified
+        return
     s.execute(update(Study).where(Study.study_uid == study_uid)
               .values(state=study_state.value).execution_options(**NO_SYNC))
 
 
 def retry_job(db: Database, job_id: int, error: str, not_before: datetime,
               now: datetime | None = None) -> None:
-    """A claimed job back in the queue, not claimed before ``not_before``; its study is
-    ``complete`` again and ``last_error`` says why the attempt failed. Attempts are kept (the
-    next claim counts on)."""
+    """A claimed job back in the queue, not claimed before ``not_before``; a classify job's
+    study is ``complete`` again and ``last_error`` says why the attempt failed. Attempts are
+    kept (the next claim counts on)."""
     utc_now(now)  # validated for a uniform signature
     with db.session() as s, s.begin():
-        study_uid = s.execute(update(Job).where(Job.id == job_id,
-                                                Job.state == JobState.CLAIMED.value)
-                              .values(state=JobState.PENDING.value, claimed_by=None,
-                                      claimed_at=None, heartbeat_at=None,
-                                      not_before=utc_now(not_before),
-                                      last_error=error)
-                              .returning(Job.study_uid).execution_options(**NO_SYNC)
-                              ).scalar_one_or_none()
-        if study_uid is None:
+        row = s.execute(update(Job).where(Job.id == job_id,
+                                          Job.state == JobState.CLAIMED.value)
+                        .values(state=JobState.PENDING.value, claimed_by=None,
+                                claimed_at=None, heartbeat_at=None,
+                                not_before=utc_now(not_before),
+                                last_error=error)
+                        .returning(Job.study_uid, Job.kind).execution_options(**NO_SYNC)
+                        ).one_or_none()
+        if row is None:
             raise LookupError(f"no claimed job with id {job_id}")
+        study_uid, kind = row
+        if kind != CLASSIFY:  # an objects job: the study stays classified
+            return
         s.execute(update(Study).where(Study.study_uid == study_uid,
                                       Study.state == StudyState.CLASSIFYING.value)
                   .values(state=StudyState.COMPLETE.value).execution_options(**NO_SYNC))
@@ -260,13 +285,16 @@ def store_result(db: Database, r: NewResult, destination: str, now: datetime | N
             if r.job_id is not None and \
                     (done := _done_job_result(s, r.job_id, r.sr_sop_uid)) is not None:
                 return done
-            result_id = _ensure_result(s, r, when)
+            result_id, created = _ensure_result(s, r, when)
             if r.inputs is not None:
                 write_profile(s, r.study_uid, r.inputs, r.predicted_class, r.model_version,
                               when)
-            export_id = _ensure_export(s, r, result_id, destination, when)
+            export_id = _ensure_export(s, r.study_uid, result_id, destination, when,
+                                       r.sr_sop_uid)
             for sop_uid, path in r.other_objects:  # after the SR: it goes first
-                _ensure_export(s, r, result_id, destination, when, sop_uid, path)
+                _ensure_export(s, r.study_uid, result_id, destination, when, sop_uid, path)
+            if r.objects_pending and created:
+                _queue_objects(s, r.study_uid, when)
             if r.job_id is not None:
                 _close_job(s, r.job_id, True, None, when)
             return result_id, export_id
@@ -295,12 +323,13 @@ def _done_job_result(s: Session, job_id: int, sr_sop_uid: str) -> tuple[int, int
     return int(row[0]), int(row[1])
 
 
-def _ensure_result(s: Session, r: NewResult, when: datetime) -> int:
-    """The result row for this SR, inserted unless a retry already stored it."""
+def _ensure_result(s: Session, r: NewResult, when: datetime) -> tuple[int, bool]:
+    """The result row for this SR, inserted unless a retry already stored it; (id, whether
+    inserted now)."""
     existing = s.execute(select(Result.id).where(Result.sr_sop_uid == r.sr_sop_uid)
                          .order_by(Result.id).limit(1)).scalar_one_or_none()
     if existing is not None:
-        return existing
+        return existing, False
     row = Result(study_uid=r.study_uid, job_id=r.job_id, model_version=r.model_version,
                  model_sha256=r.model_sha256, predicted_class=r.predicted_class,
                  probabilities=json.dumps(dict(r.probabilities), sort_keys=True),
@@ -311,22 +340,80 @@ def _ensure_result(s: Session, r: NewResult, when: datetime) -> int:
                  predecessor_id=r.predecessor_id)
     s.add(row)
     s.flush()
-    return row.id
+    return row.id, True
 
 
-def _ensure_export(s: Session, r: NewResult, result_id: int, destination: str,
-                   when: datetime, sop_uid: str | None = None, path: str | None = None) -> int:
-    """The pending export of this SR (or of another object of the result: `sop_uid`,
-    `path`) to this destination, due now, created at most once."""
-    uid = sop_uid or r.sr_sop_uid
-    existing = s.execute(select(Export.id).where(Export.sr_sop_uid == uid,
+def _ensure_export(s: Session, study_uid: str, result_id: int, destination: str,
+                   when: datetime, sop_uid: str, path: str | None = None) -> int:
+    """The pending export of object `sop_uid` of the result (its SR: no `path`; another
+    object: its file) to this destination, due now, created at most once."""
+    existing = s.execute(select(Export.id).where(Export.sr_sop_uid == sop_uid,
                                                  Export.destination == destination)
                          ).scalar_one_or_none()
     if existing is not None:
         return existing
-    row = Export(result_id=result_id, study_uid=r.study_uid, sr_sop_uid=uid,
+    row = Export(result_id=result_id, study_uid=study_uid, sr_sop_uid=sop_uid,
                  destination=destination, state=ExportState.PENDING.value, attempts=0,
                  next_attempt_at=when, created_at=when, object_path=path)
     s.add(row)
     s.flush()
     return row.id
+
+
+def _queue_objects(s: Session, study_uid: str, when: datetime) -> None:
+    """An objects job for the study, unless one is active: a waiting one builds the latest
+    result when claimed; one being built is locked here (PostgreSQL), so its finisher, which
+    updates it first, sees this result afterwards and queues itself again (store_objects)."""
+    active = s.execute(select(Job.id).where(Job.study_uid == study_uid, Job.kind == OBJECTS,
+                                            Job.state.in_([JobState.PENDING.value,
+                                                           JobState.CLAIMED.value]))
+                       .with_for_update()).first()
+    if active is None:
+        s.add(Job(study_uid=study_uid, kind=OBJECTS, state=JobState.PENDING.value, attempts=0,
+                  created_at=when))
+        s.flush()
+
+
+def store_objects(db: Database, job_id: int, result_id: int,
+                  objects: tuple[tuple[str, str], ...], destination: str,
+                  now: datetime | None = None) -> bool:
+    """The objects built for result `result_id` ((SOP Instance UID, file) each) queued for
+    export, and the objects job closed, in one transaction; an export is created at most
+    once. When a newer result of the study was stored meanwhile (an amendment), the job goes
+    back to the queue instead, to build that one's. Returns True when the job is done."""
+    when = utc_now(now)
+
+    def attempt() -> bool:
+        with db.session() as s, s.begin():
+            found = s.execute(update(Job).where(Job.id == job_id)  # locks the job row first
+                              .values(state=JobState.DONE.value, finished_at=when, error=None,
+                                      not_before=None)
+                              .returning(Job.id).execution_options(**NO_SYNC)).first()
+            if found is None:
+                raise LookupError(f"no job with id {job_id}")
+            study_uid, version = s.execute(select(Result.study_uid, Result.version)
+                                           .where(Result.id == result_id)).one()
+            for sop_uid, path in objects:
+                _ensure_export(s, study_uid, result_id, destination, when, sop_uid, path)
+            newer = s.execute(select(Result.id).where(Result.study_uid == study_uid,
+                                                      Result.version > version).limit(1)
+                              ).first()
+            if newer is None:
+                return True
+            s.execute(update(Job).where(Job.id == job_id)
+                      .values(state=JobState.PENDING.value, finished_at=None, claimed_by=None,
+                              claimed_at=None, heartbeat_at=None)
+                      .execution_options(**NO_SYNC))
+            return False
+
+    return retry_on_conflict(attempt, "store_objects")
+
+
+def classify_due(db: Database, now: datetime | None = None) -> bool:
+    """Whether a classify job waits to be claimed now: a worker then classifies it before
+    building any result's objects (its SR is the result's latency, the objects are not)."""
+    when = utc_now(now)
+    with db.read_session() as s:
+        return s.execute(select(Job.id).where(
+            Job.state == JobState.PENDING.value, Job.kind == CLASSIFY,
+            or_(Job.not_before.is_(None), Job.not_before <= when)).limit(1)).first() is not None

@@ -1,19 +1,21 @@
 """The objects of each study's latest result and their deliveries: the SR and what is sent
 beside it (result image, PDF report), one export row each, for ``status`` and the web page.
 
-Read-only. What an object is (SR, image, PDF) is a DICOM fact the caller reads from the file
+Read-only (the queue that builds the objects after the SR is ``storage.jobs``). What an
+object is (SR, image, PDF) is a DICOM fact the caller reads from the file
 (node.dicom.codes); here an object is the SR (``object_path`` NULL: the result's own file) or
 another object of the result with its file.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, select
 
 from storage.db import Database, Export, ExportState, Result
 
@@ -32,6 +34,40 @@ class ResultObject:
     attempts: int
     last_error: str | None
     acked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ResultToPicture:
+    """A study's latest result as its SR states it: what its image and PDF show and whose
+    UIDs they take (the model's weights hash, the version)."""
+
+    result_id: int
+    study_uid: str
+    version: int
+    model_sha256: str
+    predicted_class: str
+    probabilities: dict[str, float]
+    per_view: dict[str, dict[str, float]]
+    has_objects: bool  # its other objects are queued already
+
+
+def result_to_picture(db: Database, study_uid: str) -> ResultToPicture | None:
+    """The study's latest result (highest version), for the objects job; None before its
+    first."""
+    queued = exists().where(Export.result_id == Result.id, Export.object_path.is_not(None))
+    stmt = (select(Result.id, Result.version, Result.model_sha256, Result.predicted_class,
+                   Result.probabilities, Result.per_view, queued)
+            .where(Result.study_uid == study_uid)
+            .order_by(Result.version.desc(), Result.id.desc()).limit(1))
+    with db.read_session() as s:
+        row = s.execute(stmt).one_or_none()
+    if row is None:
+        return None
+    rid, version, sha, predicted, probs, per_view, has_objects = row
+    return ResultToPicture(result_id=rid, study_uid=study_uid, version=version,
+                           model_sha256=sha, predicted_class=predicted,
+                           probabilities=json.loads(probs), per_view=json.loads(per_view),
+                           has_objects=bool(has_objects))
 
 
 def result_objects(db: Database, study_uids: Collection[str] | None = None

@@ -12,7 +12,7 @@ from datetime import datetime
 
 from sqlalchemy import func, select
 
-from storage.common import ANTERIOR, POSTERIOR
+from storage.common import ANTERIOR, CLASSIFY, POSTERIOR
 from storage.db import (
     CompletionReason,
     Database,
@@ -136,8 +136,9 @@ def work_backlog(db: Database) -> WorkBacklog:
                              .where(pending, Export.attempts > 0)).scalar_one()
         oldest_export = s.execute(select(func.min(Export.created_at)).where(pending)
                                   ).scalar_one()
-        oldest_job = s.execute(select(func.min(Job.created_at))
-                               .where(Job.state == JobState.PENDING.value)).scalar_one()
+        oldest_job = s.execute(select(func.min(Job.created_at))  # a study's result waits
+                               .where(Job.state == JobState.PENDING.value,
+                                      Job.kind == CLASSIFY)).scalar_one()
         failed = s.execute(select(func.count()).select_from(Study)
                            .where(Study.state == StudyState.FAILED.value)).scalar_one()
         not_applicable = s.execute(select(func.count()).select_from(Study).where(

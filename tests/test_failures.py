@@ -94,8 +94,10 @@ def _get(port: int, path: str) -> tuple[int, str]:
 
 
 def _job_rows(db: Database, study_uid: str) -> list[Job]:
+    """The study's classify jobs (not the objects job that builds its image and PDF)."""
     with db.read_session() as s:
-        return list(s.execute(select(Job).where(Job.study_uid == study_uid)
+        return list(s.execute(select(Job).where(Job.study_uid == study_uid,
+                                                Job.kind == "classify")
                               .order_by(Job.id)).scalars())
 
 

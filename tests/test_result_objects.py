@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from matplotlib.figure import Figure
 from PIL import ImageDraw
 from pydicom import Dataset, dcmread
 from pydicom.uid import EncapsulatedPDFStorage, SecondaryCaptureImageStorage
@@ -154,19 +153,19 @@ def test_rendering_inputs_never_include_the_patient_name_or_id(
     """Every string drawn into the image's pixels and onto the PDF page is recorded (the real
     drawing calls, wrapped): none carries the patient's name or ID, which the source has."""
     drawn: list[str] = []
-    real_draw, real_fig = ImageDraw.ImageDraw.text, Figure.text
+    real_draw, real_page = ImageDraw.ImageDraw.text, pdf.Page.text
 
     def draw_text(self: ImageDraw.ImageDraw, xy: object, text: str, *a: object,
                   **k: object) -> None:
         drawn.append(str(text))
         real_draw(self, xy, text, *a, **k)  # type: ignore[arg-type]
 
-    def fig_text(self: Figure, x: float, y: float, s: str, *a: object, **k: object) -> object:
+    def page_text(self: pdf.Page, x: float, y: float, s: str, *a: object, **k: object) -> None:
         drawn.append(str(s))
-        return real_fig(self, x, y, s, *a, **k)  # type: ignore[arg-type]
+        real_page(self, x, y, s, *a, **k)  # type: ignore[arg-type]
 
     monkeypatch.setattr(ImageDraw.ImageDraw, "text", draw_text)
-    monkeypatch.setattr(Figure, "text", fig_text)
+    monkeypatch.setattr(pdf.Page, "text", page_text)
     _, image, report = _image_and_pdf()
     assert drawn and any("Finding" in t for t in drawn) and any("Dscint" in t for t in drawn)
     for part in (*SENTINEL_NAME.split("^"), SENTINEL_ID):

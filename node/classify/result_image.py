@@ -10,6 +10,11 @@ image per result, in the study, in a series of its own::
 The plain views stay beside the overlaid ones (an SC overlay cannot be switched off). No
 patient identifier is drawn (Burned In Annotation NO); the patient and study modules are
 copied as the SR copies them; UIDs derive from study and model, so a resend never duplicates.
+
+Drawn with Pillow and numpy only: the colour map is a 256-entry table interpolated from 17
+points of matplotlib's "inferno" (within 7 of 255 per channel), so the classifier process
+never imports matplotlib (~40 MiB resident, issue 18), and the overlay is blended in uint8 /
+float32 (a few MiB per panel, not float64 RGBA copies).
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from io import BytesIO
 
 import numpy as np
 import pydicom
-from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
@@ -44,6 +48,7 @@ from node.classify.sr import (
     ModelInfo,
     derived_object_header,
     patient_study_copy,
+    versioned_uid,
 )
 
 log = logging.getLogger(__name__)
@@ -57,7 +62,12 @@ BANNER_ROWS, FOOTER_ROWS = 48, 232
 WINDOW_PERCENTILE = 99.5  # upper window edge: the bladder and injection site saturate
 EVIDENCE_FLOOR = 0.2  # map values below this are not drawn (the plain grey shows through)
 EVIDENCE_ALPHA = 0.55
-COLORMAP = "inferno"
+COLORMAP = "inferno"  # the name of the map INFERNO_POINTS samples
+# matplotlib's inferno at 0, 1/16, ..., 1 (RGB 0-255); linear in between
+INFERNO_POINTS = ((0, 0, 4), (11, 7, 36), (33, 12, 74), (61, 9, 101), (87, 16, 110),
+                  (113, 25, 110), (138, 34, 106), (163, 44, 97), (188, 55, 84), (208, 69, 69),
+                  (227, 89, 51), (241, 113, 31), (249, 140, 10), (252, 170, 15), (249, 201, 50),
+                  (242, 232, 101), (252, 255, 164))
 _BAR_COLOURS = {True: (200, 40, 40), False: (90, 110, 160)}
 
 
@@ -75,6 +85,20 @@ def image_uids(study_uid: str, model_sha256: str) -> tuple[str, str]:
     series = generate_uid(entropy_srcs=["dscint-node", "image-series", study_uid, model_sha256])
     inst = generate_uid(entropy_srcs=["dscint-node", "image-instance", study_uid, model_sha256])
     return str(series), str(inst)
+
+
+def image_reference(study_uid: str, model_sha256: str, version: int = 1) -> Dataset:
+    """What the SR names of the result image (study, series, class, instance) before the image
+    exists: its UIDs derive from study and model (`image_uids`), an amended result's
+    (`version` > 1) as node.classify.amend.restamp derives them, so the SR goes out first
+    and the image built after it is the one it references."""
+    series_uid, sop_uid = image_uids(study_uid, model_sha256)
+    ref = Dataset()
+    ref.StudyInstanceUID = study_uid
+    ref.SeriesInstanceUID = versioned_uid(series_uid, version)
+    ref.SOPClassUID = IMAGE_SERIES.sop_class_uid
+    ref.SOPInstanceUID = versioned_uid(sop_uid, version)
+    return ref
 
 
 def window(pixels: np.ndarray) -> np.ndarray:
@@ -96,12 +120,29 @@ def _fit(img: np.ndarray) -> np.ndarray:
     return img[rows][:, cols]
 
 
+def colour_table() -> np.ndarray:
+    """(256, 3) uint8: the evidence colour map, entry i for map value i / 255."""
+    points = np.asarray(INFERNO_POINTS, dtype=np.float32)
+    where = np.linspace(0.0, 1.0, len(points))
+    ramp = np.linspace(0.0, 1.0, 256)
+    return np.stack([np.interp(ramp, where, points[:, c]) for c in range(3)], axis=1) \
+        .round().astype(np.uint8)
+
+
+def colours_of(values: np.ndarray) -> np.ndarray:
+    """RGB uint8 (..., 3) of map values in [0, 1] (clipped)."""
+    index = (np.clip(values, 0.0, 1.0) * 255.0 + 0.5).astype(np.intp)
+    return colour_table()[index]
+
+
 def overlay(grey: np.ndarray, evidence: np.ndarray) -> np.ndarray:
     """RGB: the colour map blended over the grey view where the evidence is strong."""
-    rgb = np.repeat(grey[:, :, None], 3, axis=2).astype(np.float64)
-    colours = colormaps[COLORMAP](evidence)[:, :, :3] * 255.0
-    alpha = np.where(evidence >= EVIDENCE_FLOOR, EVIDENCE_ALPHA, 0.0)[:, :, None]
-    return (rgb * (1 - alpha) + colours * alpha).astype(np.uint8)
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    shown = evidence >= EVIDENCE_FLOOR
+    blended = rgb[shown].astype(np.float32) * (1 - EVIDENCE_ALPHA) \
+        + colours_of(evidence[shown]).astype(np.float32) * EVIDENCE_ALPHA
+    rgb[shown] = blended.astype(np.uint8)
+    return rgb
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -170,9 +211,8 @@ def _legend(draw: ImageDraw.ImageDraw, canvas: Image.Image, top: int, width: int
             argmax: str) -> None:
     """Colour bar of the evidence map and what it means."""
     left, bar_w = width - 400, 360
-    ramp = np.linspace(EVIDENCE_FLOOR, 1.0, bar_w)
-    colours = (colormaps[COLORMAP](ramp)[:, :3] * 255).astype(np.uint8)
-    strip = np.repeat(colours[None, :, :], 18, axis=0)
+    strip = np.repeat(colours_of(np.linspace(EVIDENCE_FLOOR, 1.0, bar_w))[None, :, :], 18,
+                      axis=0)
     canvas.paste(Image.fromarray(strip, "RGB"), (left, top + 60))
     draw.text((left, top + 34), f"Evidence map ({EVIDENCE_NAME})", fill=(230, 230, 230),
               font=_font(16))

@@ -35,6 +35,7 @@ the bone-specific SNOMED CT 41747008 ("Bone scan") could not be verified here an
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -243,11 +244,15 @@ def slim_highdicom_tables(source_sop_classes: Iterable[str]) -> int:
     except (ImportError, AttributeError, KeyError, TypeError) as exc:
         log.info("highdicom's module table left whole (%s)", type(exc).__name__)
         return 0
-    dropped = [k for k in table if k not in keep]
-    for key in dropped:
-        del table[key]
-    log.debug("highdicom module table: kept %d modules, dropped %d", len(keep), len(dropped))
-    return len(dropped)
+    # the kept modules as fresh, compact copies, then the whole table let go: deleting entries
+    # in place left the survivors scattered over memory the allocator could not hand back
+    # (33 MiB resident instead of 9, issue 18)
+    kept = json.loads(json.dumps({k: v for k, v in table.items() if k in keep}))
+    dropped = len(table) - len(kept)
+    table.clear()
+    table.update(kept)
+    log.debug("highdicom module table: kept %d modules, dropped %d", len(kept), dropped)
+    return dropped
 
 
 def encode_sr(ds: Dataset) -> bytes:

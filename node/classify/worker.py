@@ -1,6 +1,13 @@
 """Classification worker: claims complete studies, runs Dscint off the association threads,
-builds the result image and the SR and queues their exports — result and export rows in one
-transaction.
+builds the SR and queues its export — result, export and an objects job in one transaction —
+and then builds the result image and the PDF report (an evidence map each: most of a study's
+time) and queues theirs.
+
+The SR goes first: it references the result image by its deterministic UID, so it need not
+wait for the image. The image and PDF are an ``objects`` job of their own (storage.jobs),
+committed with the SR: a worker killed before building them leaves the job for the next (or
+the restarted) one, and a worker with studies waiting classifies them before building any
+objects, so no SR waits behind another study's pictures.
 
 A study is decoded and classified instance by instance (its pixels freed before the next), so
 the worker's memory is bounded by one instance, not by the study. A classification that fails
@@ -15,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,11 +32,17 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
 from model.calibration import decide, effective_threshold
+from model.classes import CLASS_NAMES
 from model.classifier import Classifier, StudyClassification, StudyPrediction
 from node.classify.amend import amendment, classified_instances, latest_per_view, restamp
 from node.classify.inputs import InputProfile
 from node.classify.pdf import build_pdf_report
-from node.classify.result_image import ShownView, build_result_image, encode_image
+from node.classify.result_image import (
+    ShownView,
+    build_result_image,
+    encode_image,
+    image_reference,
+)
 from node.classify.sr import (
     PHANTOM_NOTE,
     Classification,
@@ -40,14 +53,25 @@ from node.classify.sr import (
     encode_sr,
 )
 from node.dicom.pixels import DecodeError
-from node.dicom.views import extract_views
+from node.dicom.views import ViewImage, extract_views
 from node.logs import redacted
 from node.runtime import trim_memory
 from storage.amend import current_result
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.intake import study_instances
-from storage.jobs import ClaimedJob, NewResult, claim_job, finish_job, retry_job, store_result
+from storage.jobs import (
+    OBJECTS,
+    ClaimedJob,
+    NewResult,
+    claim_job,
+    classify_due,
+    finish_job,
+    retry_job,
+    store_objects,
+    store_result,
+)
+from storage.objects import ResultToPicture, result_to_picture
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +82,11 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (DecodeError, InvalidDicomEr
 
 class NoDecodableViews(ValueError):
     """A study with no view to classify: no on-time instance, or none with pixels."""
+
+
+class ModelChanged(ValueError):
+    """The model that made a result is no longer served: its image and PDF (evidence map,
+    UIDs, provenance) cannot be made by another one."""
 
 
 @dataclass(frozen=True)
@@ -96,18 +125,11 @@ def model_info(clf: Classifier, file_sha256: str = "") -> ModelInfo:
                      file_sha256=file_sha256)
 
 
-def classify_instances(db: Database, study_uid: str, study: StudyClassification,
-                       shown: dict[str, np.ndarray] | None = None,
-                       profile: InputProfile | None = None
-                       ) -> tuple[list[Dataset], list[SourceFrame]]:
-    """Feed a study's instances to `study` one at a time (on time, or late and amending the
-    result; only the latest of each view: node.classify.amend): each is read, its views
-    decoded and predicted, and its pixels dropped before the next is read. Returns the
-    headers (without pixels) and frame references the SR needs. `shown` keeps the first
-    view of each kind for the result image (at most three views, ~0.5 MiB each); `profile`
-    gathers the input characteristics drift is watched on."""
-    headers: list[Dataset] = []
-    frames: list[SourceFrame] = []
+def _instance_views(db: Database, study_uid: str) -> Iterator[tuple[Dataset, list[ViewImage]]]:
+    """A study's instances to classify (on time, or late and amending the result; only the
+    latest of each view: node.classify.amend), one at a time: each header (its encoded
+    pixels dropped) with its decoded views; an instance whose every view was acquired again
+    is skipped."""
     instances = classified_instances(study_instances(db, study_uid))
     latest = latest_per_view(instances)  # a view acquired again supersedes the earlier one
     for inst in instances:
@@ -119,12 +141,22 @@ def classify_instances(db: Database, study_uid: str, study: StudyClassification,
         del ds.PixelData  # the encoded copy; the decoded views go after prediction
         ds.buffer = None  # a deflated file's whole inflated copy (pydicom keeps it for reads
         # of deferred elements, which the worker never makes): one per instance otherwise
+        yield ds, views
+
+
+def classify_instances(db: Database, study_uid: str, study: StudyClassification,
+                       profile: InputProfile | None = None
+                       ) -> tuple[list[Dataset], list[SourceFrame]]:
+    """Feed a study's instances to `study` one at a time: each is read, its views decoded and
+    predicted, and its pixels dropped before the next is read. Returns the headers (without
+    pixels) and frame references the SR needs; `profile` gathers the input characteristics
+    drift is watched on."""
+    headers: list[Dataset] = []
+    frames: list[SourceFrame] = []
+    for ds, views in _instance_views(db, study_uid):
         frames += [SourceFrame(str(ds.SOPClassUID), str(ds.SOPInstanceUID), v.frame_number,
                                v.view.value) for v in views]
         study.add([(v.view.value, v.pixels) for v in views])
-        if shown is not None:
-            for v in views:
-                shown.setdefault(v.view.value, v.pixels)
         if profile is not None:
             profile.add(ds, views)
         del views
@@ -132,17 +164,32 @@ def classify_instances(db: Database, study_uid: str, study: StudyClassification,
     return headers, frames
 
 
+def shown_instances(db: Database, study_uid: str) -> tuple[Dataset, dict[str, np.ndarray]]:
+    """What the result image shows, read again after the SR: the first classified instance's
+    header (the objects' patient and study modules, as the SR's) and the first view of each
+    kind (at most three, ~0.5 MiB each); reading stops once both planar views are in."""
+    header: Dataset | None = None
+    shown: dict[str, np.ndarray] = {}
+    for ds, views in _instance_views(db, study_uid):
+        header = ds if header is None else header
+        for v in views:
+            shown.setdefault(v.view.value, v.pixels)
+        if {"anterior", "posterior"} <= shown.keys():  # what the image shows (_shown_views)
+            break
+    if header is None:
+        raise NoDecodableViews(f"study {study_uid} has no decodable views left")
+    return header, shown
+
+
 def classify(ctx: WorkerContext, job: ClaimedJob) -> None:
-    """One study: classify, build the result image and the SR that references it, store
-    both, queue their exports (the SR first), close the job."""
+    """One study: classify, build the SR (referencing the result image to come), store it
+    with its export and, when an image or PDF is wanted, the objects job that builds them,
+    close the job."""
     started = time.monotonic()
     clf = ctx.classifier()
     study = StudyClassification(clf)
-    shown: dict[str, np.ndarray] = {}
-    pictured = ctx.result_image or ctx.result_pdf  # the PDF shows the result image too
     profile = InputProfile()
-    headers, frames = classify_instances(ctx.db, job.study_uid, study,
-                                         shown if pictured else None, profile)
+    headers, frames = classify_instances(ctx.db, job.study_uid, study, profile)
     if not study.count:
         raise NoDecodableViews(f"study {job.study_uid} has no decodable views")
     pred = study.result()
@@ -152,12 +199,10 @@ def classify(ctx: WorkerContext, job: ClaimedJob) -> None:
     info = model_info(clf, ctx.file_sha256(clf))
     result = _classification(pred, effective_threshold(clf.metadata.indeterminate_below,
                                                        ctx.indeterminate_below))
-    image = restamp(build_result_image(headers[0], _shown_views(clf, shown, pred), result,
-                                       info, ctx.device), version) if pictured else None
-    del shown
-    others = _other_objects(ctx, job.study_uid, headers[0], image, result, info, version)
-    sr = build_sr(headers, frames, result, info, ctx.device,
-                  illustration=image if ctx.result_image else None, amends=prior)
+    illustration = image_reference(str(headers[0].StudyInstanceUID), info.sha256, version) \
+        if ctx.result_image else None
+    sr = build_sr(headers, frames, result, info, ctx.device, illustration=illustration,
+                  amends=prior)
     data = encode_sr(sr)
     sr_path = ctx.files.write_sr(job.study_uid, str(sr.SOPInstanceUID), data)
     store_result(ctx.db, NewResult(
@@ -167,8 +212,9 @@ def classify(ctx: WorkerContext, job: ClaimedJob) -> None:
         per_view={v.label: v.probabilities for v in pred.views},
         sr_sop_uid=str(sr.SOPInstanceUID), sr_series_uid=str(sr.SeriesInstanceUID),
         sr_path=str(sr_path), note=PHANTOM_NOTE if info.trained_on_phantoms else None,
-        other_objects=others, inputs=profile.inputs(), version=version,
+        inputs=profile.inputs(), version=version,
         predecessor_id=None if current is None else current.result_id,
+        objects_pending=ctx.result_image or ctx.result_pdf,
     ), ctx.destination)
     ctx.on_classified(job.study_uid, result.predicted_class, dict(pred.probabilities),
                       time.monotonic() - started)
@@ -179,14 +225,56 @@ def classify(ctx: WorkerContext, job: ClaimedJob) -> None:
              f" [{PHANTOM_NOTE}]" if info.trained_on_phantoms else "")
 
 
-def _other_objects(ctx: WorkerContext, study_uid: str, header: Dataset, image: Dataset | None,
+def build_objects(ctx: WorkerContext, job: ClaimedJob) -> None:
+    """An objects job: the result image and the PDF report of the study's latest result, as
+    its SR states it (class, probabilities, version), drawn by the model that made it, written
+    and queued for export after the SR, the job closed with them."""
+    target = result_to_picture(ctx.db, job.study_uid)
+    if target is None:  # no result to picture (its study's records were removed)
+        finish_job(ctx.db, job.job_id, ok=True)
+        return
+    wanted = not target.has_objects and (ctx.result_image or ctx.result_pdf)
+    others = _picture(ctx, target) if wanted else ()
+    if store_objects(ctx.db, job.job_id, target.result_id, others, ctx.destination):
+        log.info("study %s: %d result object(s) queued after the SR", job.study_uid,
+                 len(others))
+    else:
+        log.info("study %s: an amended result came while its objects were built; its "
+                 "objects are built next", job.study_uid)
+
+
+def _picture(ctx: WorkerContext, target: ResultToPicture) -> tuple[tuple[str, str], ...]:
+    """Build and write the image and PDF of `target`; (SOP Instance UID, path) each."""
+    clf = ctx.classifier()
+    if clf.metadata.weights_sha256 != target.model_sha256:
+        raise ModelChanged(f"the result of study {target.study_uid} was made by model "
+                           f"{target.model_sha256[:12]}, model {clf.metadata.version} serves "
+                           "now: no result image or PDF")
+    header, shown = shown_instances(ctx.db, target.study_uid)
+    info = model_info(clf, ctx.file_sha256(clf))
+    result = Classification(
+        predicted_class=target.predicted_class, probabilities=_in_class_order(
+            target.probabilities), per_view=target.per_view,
+        threshold=effective_threshold(clf.metadata.indeterminate_below,
+                                      ctx.indeterminate_below))
+    image = restamp(build_result_image(header, _shown_views(clf, shown, result.probabilities),
+                                       result, info, ctx.device), target.version)
+    del shown
+    return _other_objects(ctx, target.study_uid, header, image, result, info, target.version)
+
+
+def _in_class_order(probabilities: dict[str, float]) -> dict[str, float]:
+    """Probabilities as the model lists them (the store keeps them sorted by name)."""
+    known = {k: probabilities[k] for k in CLASS_NAMES if k in probabilities}
+    return known | probabilities
+
+
+def _other_objects(ctx: WorkerContext, study_uid: str, header: Dataset, image: Dataset,
                    result: Classification, info: ModelInfo, version: int = 1
                    ) -> tuple[tuple[str, str], ...]:
     """The result image and the PDF report, as configured, written to the store: (SOP
     Instance UID, path) each, in the order they are sent after the SR; an amended result's
     (`version` > 1) with UIDs of their own."""
-    if image is None:
-        return ()
     out: list[tuple[str, str]] = []
     if ctx.result_image:
         out.append((str(image.SOPInstanceUID), str(ctx.files.write_sr(
@@ -201,13 +289,13 @@ def _other_objects(ctx: WorkerContext, study_uid: str, header: Dataset, image: D
 _SHOWN_ORDER = {"anterior": ("ANT", 0), "posterior": ("POST", 1), "unknown": ("VIEW", 2)}
 
 
-def _shown_views(clf: Classifier, shown: dict[str, np.ndarray], pred: StudyPrediction
-                 ) -> list[ShownView]:
+def _shown_views(clf: Classifier, shown: dict[str, np.ndarray],
+                 probabilities: Mapping[str, float]) -> list[ShownView]:
     """The views the result image shows (anterior, posterior), each with its evidence map
     (`Classifier.explain`: SmoothGrad x input, on the view's own pixel grid) of the most
     probable class (for an indeterminate finding too: what the model leaned to)."""
     kinds = sorted(shown, key=lambda k: _SHOWN_ORDER.get(k, ("VIEW", 3))[1])[:2]
-    top = max(pred.probabilities, key=lambda k: pred.probabilities[k])
+    top = max(probabilities, key=lambda k: probabilities[k])
     maps = clf.explain([shown[k] for k in kinds], top)
     return [ShownView(_SHOWN_ORDER.get(k, ("VIEW", 3))[0], shown[k], m)
             for k, m in zip(kinds, maps, strict=True)]
@@ -222,19 +310,32 @@ def _classification(pred: StudyPrediction, threshold: float) -> Classification:
 
 
 def run_once(ctx: WorkerContext, worker_id: str) -> bool:
-    """Claim and process one job; False when the queue is empty."""
+    """Classify one waiting study (its SR stored and queued at once), then, unless another
+    study waits to be classified, build one result's objects (image, PDF); False when there
+    was nothing to do."""
     job = claim_job(ctx.db, worker_id)
-    if job is None:
-        return False
+    if job is not None:
+        _attempt(ctx, job, classify)
+        if classify_due(ctx.db):  # its SR first; pictures wait
+            return True
+    objects = claim_job(ctx.db, worker_id, OBJECTS)
+    if objects is not None:
+        _attempt(ctx, objects, build_objects, objects=True)
+    return job is not None or objects is not None
+
+
+def _attempt(ctx: WorkerContext, job: ClaimedJob,
+             step: Callable[[WorkerContext, ClaimedJob], None], objects: bool = False) -> None:
+    """Run one claimed job's step; a failure is retried or ends the job (after_failure),
+    never the worker. Each step stores its outcome and closes its job in one transaction."""
     try:
-        classify(ctx, job)  # stores the result and closes the job in one transaction
+        step(ctx, job)
     except Exception as exc:  # a bad study must not stop the worker
-        after_failure(ctx, job, exc)
-        return True
+        after_failure(ctx, job, exc, objects)
+        return
     finally:
-        trim_memory(collect=False)  # a study's decoded images and SR: back to the OS
+        trim_memory(collect=False)  # a study's decoded images and objects: back to the OS
     ctx.on_result()
-    return True
 
 
 def is_permanent(exc: BaseException) -> bool:
@@ -244,22 +345,27 @@ def is_permanent(exc: BaseException) -> bool:
     return not isinstance(exc, OSError) and isinstance(exc, PERMANENT_ERRORS)
 
 
-def after_failure(ctx: WorkerContext, job: ClaimedJob, exc: Exception) -> None:
+def after_failure(ctx: WorkerContext, job: ClaimedJob, exc: Exception,
+                  objects: bool = False) -> None:
     """After a failed attempt: the job back in the queue after a backoff, or, when the error
-    cannot improve or the attempts are spent, the study failed with the reason. The message
-    may quote element values (a name in a date field): logged and stored redacted."""
+    cannot improve or the attempts are spent, the study failed with the reason (an objects
+    job's failure fails the job only: the study keeps its delivered SR). The message may quote
+    element values (a name in a date field): logged and stored redacted."""
     reason = redacted(exc)
+    what = "building the result objects" if objects else "classification"
     if is_permanent(exc) or job.attempts >= ctx.max_attempts:
         why = "cannot improve" if is_permanent(exc) else f"{job.attempts} attempt(s)"
-        log.error("classification of study %s failed (%s): %s", job.study_uid, why, reason,
+        log.error("%s of study %s failed (%s): %s", what, job.study_uid, why, reason,
                   exc_info=exc)
         finish_job(ctx.db, job.job_id, ok=False, error=reason)
-        ctx.on_failed(job.study_uid, reason)
+        if not objects:
+            ctx.on_failed(job.study_uid, reason)
         return
     delay = ctx.retry_delay(job.attempts)
     retry_job(ctx.db, job.job_id, reason, datetime.now(UTC) + timedelta(seconds=delay))
-    ctx.on_retry()
-    log.warning("classification of study %s failed (attempt %d of %d): %s; retry in %.3g s",
+    if not objects:
+        ctx.on_retry()
+    log.warning("%s of study %s failed (attempt %d of %d): %s; retry in %.3g s", what,
                 job.study_uid, job.attempts, ctx.max_attempts, reason, delay)
 
 

@@ -12,7 +12,8 @@ the CPU: one association's C-STORE no longer waits for both one after the other)
 committed only once the staged file is durable, and a refused instance's staged file is
 removed before the handler returns. On SQLite the receiver's threads take turns to write
 (`_write_turn`), so concurrent associations queue on a lock rather than in SQLite's sleeping
-busy handler. A refused row or a database locked for longer
+busy handler, and the rows of those waiting are committed together, one transaction and one
+fsync (node.receive.rows: group commit). A refused row or a database locked for longer
 than the C-STORE may wait leaves no file (a re-sent SOP's previous file is untouched). Every
 refusal gets a specific status, a log line with the reason (UIDs and AE titles only, never
 patient data) and a quarantined copy (of which only the prefix the quarantine keeps is read).
@@ -56,6 +57,7 @@ from node.dicom.status import Rejection, Status
 from node.dicom.views import frame_views
 from node.logs import redacted, redacted_traceback
 from node.receive.association import REFUSED, REFUSED_BY_SITE, STORED, Tallies
+from node.receive.rows import GroupCommit
 from storage.db import CompletionReason, Database, DatabaseBusy, StudyState, lock_wait_as_busy
 from storage.filestore import FileStore
 from storage.intake import (
@@ -97,6 +99,9 @@ class StoreContext:
     stager: Executor | None = None
     # SQLite: the receiver's threads take turns to write (see _write_turn); None: no turns
     write_turn: threading.Lock | None = None
+    # SQLite: queue rows of concurrent C-STOREs committed together (node.receive.rows,
+    # holding write_turn); None: each C-STORE commits its own
+    rows: GroupCommit | None = None
     db_wait_seconds: float = 30.0  # [node].store_db_wait_seconds: the longest turn wait
 
 
@@ -334,8 +339,7 @@ def _accept(ctx: StoreContext, ds: Dataset, raw: Path | bytes, caller: str,
         applicability_reason=verdict.reason, decoded_bytes=_decoded_bytes(ds))
     staged = ctx.files.stage(raw) if staging is None else staging.result()
     try:
-        with _write_turn(ctx):
-            outcome = record_instance(ctx.db, record, limits=ctx.study_limits)
+        outcome = _record_row(ctx, record)
         if outcome.refusal is None:
             ctx.files.publish(staged, study, series, sop)
     except DatabaseBusy:
@@ -352,6 +356,15 @@ def _accept(ctx: StoreContext, ds: Dataset, raw: Path | bytes, caller: str,
              "" if verdict.applicable else f" (not classified: {verdict.reason})")
     complete_if_both_views(ctx, study, outcome)
     return Status.SUCCESS
+
+
+def _record_row(ctx: StoreContext, record: InstanceRecord) -> RecordOutcome:
+    """The instance's queue row, committed: with the rows of other associations' C-STOREs
+    waiting for the same turn where the receiver groups commits (SQLite), else alone."""
+    if ctx.rows is not None:
+        return ctx.rows.record(record)
+    with _write_turn(ctx):
+        return record_instance(ctx.db, record, limits=ctx.study_limits)
 
 
 def complete_if_both_views(ctx: StoreContext, study: str, outcome: RecordOutcome) -> None:

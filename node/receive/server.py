@@ -32,6 +32,7 @@ from node.receive.handlers import (
     handle_store,
 )
 from node.receive.listener import GateLimits, PeerLog, start_server
+from node.receive.rows import GroupCommit
 from storage.db import Database, DatabaseBusy
 from storage.filestore import FileStore, QuarantineLimits
 from storage.intake import StudyLimits, count_ignored
@@ -51,18 +52,22 @@ def start_scp(cfg: Config, files: FileStore, db: Database,
     ae.network_timeout = cfg.node.network_timeout
     add_storage_contexts(ae)
     recorder = partial(record_ignored, db.with_lock_wait(cfg.node.store_db_wait_seconds))
-    ctx = StoreContext(files=files, db=db.with_lock_wait(cfg.node.store_db_wait_seconds),
+    store_db = db.with_lock_wait(cfg.node.store_db_wait_seconds)
+    limits = StudyLimits(cfg.admission.max_study_instances,
+                         cfg.admission.max_study_decoded_mb * MIB,
+                         cfg.completion.amend_window_days)
+    turn = threading.Lock() if db.dialect == "sqlite" else None  # SQLite: one writer
+    ctx = StoreContext(files=files, db=store_db,
                        patient_secret=patient_secret(cfg.storage_root),
                        on_complete=on_complete, min_free_bytes=cfg.min_free_bytes,
                        max_instance_bytes=cfg.admission.max_instance_mb * MIB,
-                       study_limits=StudyLimits(cfg.admission.max_study_instances,
-                                                cfg.admission.max_study_decoded_mb * MIB,
-                                                cfg.completion.amend_window_days),
+                       study_limits=limits,
                        refuse_not_applicable=cfg.admission.refuses_not_applicable,
                        refused_sop_classes=cfg.admission.refused_sop_class_uids,
                        tallies=Tallies(recorder), stager=stager(cfg),
-                       write_turn=threading.Lock() if db.dialect == "sqlite" else None,
-                       db_wait_seconds=cfg.node.store_db_wait_seconds)
+                       write_turn=turn, db_wait_seconds=cfg.node.store_db_wait_seconds,
+                       rows=None if turn is None else GroupCommit(
+                           store_db, limits, turn, cfg.node.store_db_wait_seconds))
     peer_log = PeerLog(cfg.node.log_lines_per_address, cfg.node.log_window_seconds)
     handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [ctx]),
                 (evt.EVT_CONN_CLOSE, handle_conn_close),

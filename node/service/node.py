@@ -283,9 +283,11 @@ class Node:
         self.alerts.failed_study(study_uid, reason)
 
     def _on_export(self, job: ClaimedExport, outcome: str, error: str | None) -> None:
-        """An export attempt's outcome: counted (with the latency when acknowledged); a dead
-        letter alerted."""
-        ack = self._since_last_instance(job.study_uid) if outcome == "delivered" else None
+        """An export attempt's outcome: counted (with the latency when an SR is acknowledged:
+        the result's latency; the image and PDF built after it are not); a dead letter
+        alerted."""
+        ack = self._since_last_instance(job.study_uid) \
+            if outcome == "delivered" and job.is_sr else None
         self.metrics.observe_export(outcome, job.study_uid, ack)
         if outcome != "delivered":
             self.metrics.observe_export_failure(failure_reason(error))
