@@ -1,18 +1,22 @@
 """Inference benchmark: Dscint eager, plain TorchScript and the module the node serves
-(`model.classifier.Classifier`: frozen, oneDNN) in fp32 and with FC1 in int8 (`model.precision`),
-at batch 1 and 8, against the compute floor.
+(`model.classifier.Classifier`: frozen, oneDNN) in fp32 and with FC1 on each reduced rung of
+`model.precision`'s ladder (int8, fp16), at batch 1 and 8, against the compute floor; with each
+rung's held-out check (agreement with fp32, largest probability difference) beside it.
 
 The floor is FLOPs per image divided by a matmul rate measured in the same run on the same
 machine (these machines vary 1.6x within an hour, so only same-run ratios mean anything); the
 variants are timed in blocks taken in turn, so a noisy neighbour slows them all alike. FC1 (the
 19032 x 1024 linear layer, 94.8% of the weights) is also timed alone: at batch 8 it streams
 78 MB of weights per call and is a large share of the total; it is timed in fp32, with bf16
-weights (AVX512-BF16 on this CPU) and int8 (dynamic quantisation), the measurement that chose
-int8 for serving.
+weights (AVX512-BF16 on this CPU), int8 (dynamic quantisation) and fp16 weights (fbgemm), the
+measurement that chose the ladder.
+Random weights agree with fp32 on every rung; trained ones need not (int8 moves probabilities
+by up to 0.2 on some): `--weights net.sd` times and checks a trained Dscint (a state dict saved
+with `torch.save(net.state_dict(), ...)`) instead.
 On a busy machine wall-clock times with 2 threads swing 10x (a descheduled OpenMP thread
 stalls the other at every barrier): `--threads 1 --clock cpu` times the process's CPU seconds
 instead, floor included, which a neighbour barely moves.
-Prints a table and writes JSON: `python -m bench.inference [--json out.json]`.
+Prints a table and writes JSON: `python -m bench.inference [--weights net.sd] [--json out.json]`.
 """
 
 from __future__ import annotations
@@ -27,10 +31,15 @@ from pathlib import Path
 
 import torch
 
-from model.classifier import Classifier
+from model.classifier import Classifier, prepare_for_serving
 from model.dscint import Dscint, DscintProbabilities
-from model.export import ModelMetadata, export_torchscript, load_torchscript
-from model.precision import FP32, INT8, VERIFY_STUDIES, int8_module
+from model.export import (
+    ModelMetadata,
+    export_torchscript,
+    load_torchscript,
+    torchscript_deprecation_silenced,
+)
+from model.precision import FP32, LADDER, VERIFY_STUDIES, PrecisionCheck, compare, reduced_module
 
 BATCHES = (1, 8)
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -95,9 +104,11 @@ def fc1_bf16(net: Dscint) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
-def fc1_int8(scripted: torch.jit.ScriptModule) -> Callable[[torch.Tensor], torch.Tensor]:
-    """FC1 as the node serves it in int8 (per-channel weights, dynamic activations)."""
-    module, _ = int8_module(scripted)
+def fc1_reduced(scripted: torch.jit.ScriptModule, precision: str
+                ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """FC1 as the node serves it on a rung (int8: per-channel weights, dynamic activations;
+    fp16: fp16 weights, fp32 activations)."""
+    module, _ = reduced_module(scripted, precision)
     fc1 = list(module.net.classifier.children())[1]  # type: ignore[union-attr]
     width = int(fc1.in_features)
 
@@ -138,6 +149,26 @@ def time_interleaved(variants: dict[str, Callable[[torch.Tensor], torch.Tensor]]
     return {key: statistics.median(samples) for key, samples in times.items()}
 
 
+def forced_rung(scripted: torch.jit.ScriptModule, meta: ModelMetadata, precision: str,
+                studies: int) -> tuple[torch.jit.ScriptModule, PrecisionCheck]:
+    """The module the node would serve on this rung (optimised as `Classifier` does), whether
+    or not its check passes, and the check."""
+    with torchscript_deprecation_silenced():
+        module, _ = reduced_module(scripted, precision)
+        candidate = torch.jit.script(module)
+    check = compare(scripted, candidate, meta.preprocessing, meta.temperature, precision, studies)
+    served, _, _ = prepare_for_serving(candidate, meta, optimize=True)
+    return served, check
+
+
+def load_net(weights: Path | None) -> Dscint:
+    """Dscint with trained weights from a state dict, or as initialised."""
+    net = Dscint()
+    if weights is not None:
+        net.load_state_dict(torch.load(weights, map_location="cpu"))
+    return net.eval()
+
+
 def main() -> None:
     """Run and print the table."""
     ap = argparse.ArgumentParser()
@@ -147,28 +178,31 @@ def main() -> None:
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="cpu: process CPU time, for a busy machine (with --threads 1)")
     ap.add_argument("--verify-studies", type=int, default=VERIFY_STUDIES,
-                    help="held-out phantom studies of the int8 check (export and load)")
+                    help="held-out phantom studies of each rung's check (export and load)")
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="state dict of a trained Dscint (default: random initial weights)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    net = Dscint()
+    net = load_net(args.weights)
     eager = DscintProbabilities(net).eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = export_torchscript(eager, Path(tmp) / "m.pt", ModelMetadata(
-            version="bench", weights_sha256="", training_data="random", trained_on_phantoms=True),
-            precision="auto", verify_studies=args.verify_studies)
-        scripted, _ = load_torchscript(path)
+            version="bench", weights_sha256="", training_data=str(args.weights or "random"),
+            trained_on_phantoms=True), precision="auto", verify_studies=args.verify_studies)
+        scripted, meta = load_torchscript(path)
         served = Classifier(path, precision=FP32)
-        served8 = Classifier(path, precision=INT8, verify_studies=args.verify_studies)
+    rungs = {p: forced_rung(scripted, meta, p, args.verify_studies) for p in LADDER}
     variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "eager": eager, "torchscript": scripted, "served": served.module,
-        "served int8": served8.module, "fc1 only": fc1_only(net), "fc1 bf16": fc1_bf16(net),
-        "fc1 int8": fc1_int8(scripted)}
+        **{f"served {p}": module for p, (module, _) in rungs.items()},
+        "fc1 only": fc1_only(net), "fc1 bf16": fc1_bf16(net),
+        **{f"fc1 {p}": fc1_reduced(scripted, p) for p in LADDER}}
     clock = CLOCKS[args.clock]
     rate = matmul_gflops(clock=clock)
     flops = dscint_flops()
     floor_ms = flops / (rate * 1e9) * 1000
     ms = time_interleaved(variants, args.seconds, clock)
-    models = ("eager", "torchscript", "served", "served int8")
+    models = ("eager", "torchscript", "served", *(f"served {p}" for p in LADDER))
     rows = [{"model": name, "batch": batch, "ms_per_image": round(ms[(name, batch)], 2),
              "floor_fraction": round(floor_ms / ms[(name, batch)], 3),
              "speedup_vs_torchscript": round(ms[("torchscript", batch)] / ms[(name, batch)], 2)}
@@ -176,15 +210,17 @@ def main() -> None:
     fc1 = {batch: {"ms_per_image": round(ms[("fc1 only", batch)], 2),
                    "share_of_served": round(ms[("fc1 only", batch)] / ms[("served", batch)], 3),
                    "bf16_ms_per_image": round(ms[("fc1 bf16", batch)], 2),
-                   "int8_ms_per_image": round(ms[("fc1 int8", batch)], 2)}
+                   **{f"{p}_ms_per_image": round(ms[(f"fc1 {p}", batch)], 2) for p in LADDER}}
            for batch in BATCHES}
-    check = served8.precision_check
+    checks = {p: check for p, (_, check) in rungs.items()}
     print(f"matmul {rate:.0f} GFLOP/s; Dscint {flops / 1e9:.3f} GFLOP/image; "
-          f"floor {floor_ms:.2f} ms/image; threads {args.threads}; {args.clock} clock")
+          f"floor {floor_ms:.2f} ms/image; threads {args.threads}; {args.clock} clock; "
+          f"weights {args.weights or 'random'}")
     print(f"served = {served.serving} (max |prob diff| {served.check_diff:.1e} vs torchscript "
-          f"on the load-time check)")
-    print(f"served int8 = {served8.precision} {served8.serving}: "
-          + (check.summary() if check else "no check"))
+          f"on the load-time check); exported for {meta.precision} serving (ladder "
+          f"{' -> '.join((*LADDER, FP32))})")
+    for p, check in checks.items():
+        print(f"served {p}: {'passes' if check.passed else 'REFUSED'}: {check.summary()}")
     print(f"{'model':<13}{'batch':>6}{'ms/image':>10}{'of floor':>10}{'speed-up':>10}")
     for r in rows:
         print(f"{r['model']:<13}{r['batch']:>6}{r['ms_per_image']:>10}"
@@ -192,15 +228,16 @@ def main() -> None:
     for batch, f in fc1.items():
         print(f"FC1 alone at batch {batch}: fp32 {f['ms_per_image']} ms/image "
               f"({f['share_of_served']:.0%} of served), bf16 {f['bf16_ms_per_image']}, "
-              f"int8 {f['int8_ms_per_image']}")
+              + ", ".join(f"{p} {f[f'{p}_ms_per_image']}" for p in LADDER))
     if args.json:
         args.json.write_text(json.dumps({
             "matmul_gflops": rate, "gflop_per_image": flops / 1e9, "floor_ms": floor_ms,
             "threads": args.threads, "clock": args.clock, "served": served.serving,
+            "weights": str(args.weights or "random"), "exported_precision": meta.precision,
             "served_max_prob_diff": served.check_diff, "rows": rows,
-            "int8": {"serving": served8.precision,
-                     "check": check.to_dict() if check else None},
+            "rungs": {p: c.to_dict() | {"passed": c.passed} for p, c in checks.items()},
             "fc1_only": {str(b): f for b, f in fc1.items()}}, indent=2))
+
 
 if __name__ == "__main__":
     main()

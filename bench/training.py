@@ -1,8 +1,13 @@
-"""Training speed of Dscint on this CPU.
+"""Training speed of Dscint and the paper's baselines on this CPU.
 
 Throughput (default): images/s at the paper's batch 4 and larger batches, optimiser variants,
-fp32 and bf16 autocast (AVX512-BF16 on this CPU), against the paper's ~3.3 images/s per core
-(field notes §5: 233 ms per Adam step at batch 4). `python -m bench.training [--json out.json]`.
+each in fp32 and bf16 autocast (AVX512-BF16 on this CPU), against the paper's ~3.3 images/s per
+core (field notes §5: 233 ms per Adam step at batch 4). `--arch` picks networks (default
+dscint); the baselines need `.venv-baselines` (a missing package is one "skipped" line).
+fp32 and bf16 runs alternate on one network (`--repeats` rounds) so load that comes and goes
+hits both alike; the table gives medians, the load average is printed at start and end:
+`.venv-baselines/bin/python -m bench.training --arch alexnet resnet18 --quick --threads 1
+--clock cpu [--json out.json]`.
 
 Time to accuracy: `python -m bench.training --to-accuracy 0.85` trains Dscint on the default
 phantom benchmark (`python -m node train --patients 800 --seed 3`: 800 patients, difficulty 0.5,
@@ -12,8 +17,7 @@ settings (Table 5: Adam lr 1e-3, weight decay 1e-4, batch 4) and "best" settings
 lr 1e-3: 2.2x the images/s of batch 4 here; no wider search), each in fp32 and bf16
 autocast. Wall time counts training and the evaluations (they are part of knowing the target
 was reached), not data generation; the process's CPU seconds are printed beside it (a busy
-machine stretches wall time, CPU time much less). Baselines (torchvision) need
-`.venv-baselines`; this bench measures Dscint only.
+machine stretches wall time, CPU time much less). Time to accuracy is Dscint only.
 """
 
 from __future__ import annotations
@@ -31,11 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.archs import Probabilities, build_network, set_channels_last
+from model.archs import ARCHS, Probabilities, build_network, set_channels_last, unavailable_reason
 from model.augment import AugmentParams, augment_batch
 from model.classes import CLASS_NAMES
 from model.datasets import load_phantoms
-from model.dscint import Dscint
 from model.export import ModelMetadata, choose_precision, torchscript_deprecation_silenced
 from model.metrics import compute_metrics
 from model.preprocess import PreprocessParams
@@ -60,47 +63,125 @@ def autocast(precision: str) -> Iterator[None]:
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def images_per_second(batch: int, fused: bool, channels_last: bool, precision: str = "fp32",
-                      steps: int = 6, clock: Callable[[], float] = time.perf_counter) -> float:
-    """Simple rate over `steps` Adam steps after two warm-up steps."""
-    torch.manual_seed(0)
-    net = Dscint()
-    x = torch.rand(batch, 1, 1024, 256)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 4, (batch,))
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4, fused=fused)
-    for i in range(steps + 2):
-        if i == 2:
-            t0 = clock()
-        with autocast(precision):
-            loss = F.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return batch * steps / (clock() - t0)
+def _step(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+          precision: str) -> None:
+    """One Adam step, the forward pass under `precision`."""
+    with autocast(precision):
+        loss = F.cross_entropy(net(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One throughput configuration, measured in every precision."""
+
+    batch: int
+    fused: bool
+    channels_last: bool
+
+
+@dataclass
+class Rig:
+    """A network, its optimiser and one batch, reused by the interleaved runs so the only
+    difference between an fp32 and a bf16 run is the precision (and the machine's load)."""
+
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @classmethod
+    def build(cls, arch: str, v: Variant) -> Rig:
+        """Seeded network `arch` at the paper's input size (N, 1, 1024, 256)."""
+        torch.manual_seed(0)
+        net = build_network(arch)
+        x = torch.rand(v.batch, 1, 1024, 256)
+        if v.channels_last:
+            net = set_channels_last(net)
+            x = x.contiguous(memory_format=torch.channels_last)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4, fused=v.fused)
+        return cls(net, opt, x, torch.randint(0, 4, (v.batch,)))
+
+    def rate(self, precision: str, steps: int, warmup: int) -> dict[str, float]:
+        """Images/s over `steps` Adam steps after `warmup` untimed ones, by wall and CPU clock."""
+        for _ in range(warmup):
+            _step(self.net, self.opt, self.x, self.y, precision)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            _step(self.net, self.opt, self.x, self.y, precision)
+        n = len(self.x) * steps
+        return {"wall": n / (time.perf_counter() - t0), "cpu": n / (time.process_time() - c0)}
+
+
+def interleaved(arch: str, v: Variant, args: argparse.Namespace) -> dict[str, Any]:
+    """fp32, bf16, fp32, bf16, ... (`--repeats` rounds) on one network, so load that comes and
+    goes hits both precisions alike; warm-up steps only before each precision's first run."""
+    rig = Rig.build(arch, v)
+    runs: dict[str, list[dict[str, float]]] = {p: [] for p in PRECISIONS}
+    for r in range(args.repeats):
+        for p in PRECISIONS:
+            runs[p].append(rig.rate(p, args.steps, args.warmup if r == 0 else 0))
+    med = {p: {c: float(np.median([run[c] for run in runs[p]])) for c in CLOCKS}
+           for p in PRECISIONS}
+    return {"arch": arch, "batch": v.batch, "fused_adam": v.fused,
+            "channels_last": v.channels_last,
+            **{f"{p}_images_per_s": round(med[p][args.clock], 2) for p in PRECISIONS},
+            "bf16_over_fp32": round(med["bf16"][args.clock] / med["fp32"][args.clock], 2),
+            "bf16_over_fp32_other_clock": round(
+                med["bf16"][_other(args.clock)] / med["fp32"][_other(args.clock)], 2),
+            "runs": {p: [{c: round(x, 2) for c, x in run.items()} for run in runs[p]]
+                     for p in PRECISIONS}}
+
+
+def _other(clock: str) -> str:
+    return "cpu" if clock == "wall" else "wall"
+
+
+def _variants(args: argparse.Namespace) -> list[Variant]:
+    """--batches, else --quick (paper batch 4 and 16), else the fused/channels-last sweep."""
+    if args.batches:
+        return [Variant(b, True, True) for b in args.batches]
+    if args.quick:
+        return [Variant(4, True, True), Variant(16, True, True)]
+    return [Variant(4, False, False), Variant(4, True, False), Variant(4, True, True),
+            Variant(8, True, True), Variant(16, True, True), Variant(32, True, True)]
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def throughput(args: argparse.Namespace, cores: int) -> None:
-    """The images/s table."""
-    rows = []
-    variants = [(4, False, False, "fp32"), (4, True, False, "fp32"), (4, True, True, "fp32"),
-                (4, True, True, "bf16"), (8, True, True, "fp32"), (16, True, True, "fp32"),
-                (16, True, True, "bf16"), (32, True, True, "fp32")]
-    if args.quick:  # the paper's batch and the best one, fp32 against bf16
-        variants = [v for v in variants if v[1] and v[2] and v[0] in (4, 16)]
-    for batch, fused, cl, precision in variants:
-        ips = images_per_second(batch, fused, cl, precision, clock=CLOCKS[args.clock])
-        rows.append({"batch": batch, "fused_adam": fused, "channels_last": cl,
-                     "precision": precision, "images_per_s": round(ips, 1),
-                     "per_core_vs_paper": round(ips / cores / PAPER_IMAGES_PER_S_PER_CORE, 1)})
+    """The images/s table: fp32 against bf16 autocast per network and batch (medians)."""
     print(f"{cores} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.clock} clock (per core: images/s / {cores})")
-    print(f"{'batch':>6}{'fused':>7}{'ch-last':>9}{'prec':>6}{'img/s':>8}{'x paper/core':>14}")
+          f"{args.clock} clock, medians of {args.repeats} interleaved runs of {args.steps} "
+          f"steps; load average {_load()} at start", flush=True)
+    rows = []
+    for arch in args.arch:
+        reason = unavailable_reason(arch)
+        if reason:
+            print(f"skipped {arch}: {reason}", flush=True)
+            continue
+        for v in _variants(args):
+            rows.append(interleaved(arch, v, args))
+            r = rows[-1]
+            print(f"  {arch} batch {v.batch}: fp32 {r['fp32_images_per_s']}, bf16 "
+                  f"{r['bf16_images_per_s']} images/s (load {_load()})", flush=True)
+    if not rows:
+        return
+    print(f"load average {_load()} at end (per core vs paper: fp32 images/s / {cores} / "
+          f"{PAPER_IMAGES_PER_S_PER_CORE}, Dscint only)")
+    other = _other(args.clock)
+    print(f"{'arch':<13}{'batch':>6}{'fused':>7}{'ch-last':>9}{'fp32 img/s':>12}"
+          f"{'bf16 img/s':>12}{'bf16/fp32':>11}{f'({other})':>8}{'x paper/core':>14}")
     for r in rows:
-        print(f"{r['batch']:>6}{r['fused_adam']!s:>7}{r['channels_last']!s:>9}"
-              f"{r['precision']:>6}{r['images_per_s']:>8}{r['per_core_vs_paper']:>14}")
+        paper = (f"{r['fp32_images_per_s'] / cores / PAPER_IMAGES_PER_S_PER_CORE:.1f}"
+                 if r["arch"] == "dscint" else "-")
+        print(f"{r['arch']:<13}{r['batch']:>6}{r['fused_adam']!s:>7}{r['channels_last']!s:>9}"
+              f"{r['fp32_images_per_s']:>12}{r['bf16_images_per_s']:>12}"
+              f"{r['bf16_over_fp32']:>11}{r['bf16_over_fp32_other_clock']:>8}{paper:>14}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)
@@ -270,7 +351,17 @@ def main() -> None:
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="throughput: cpu = process CPU time, for a busy machine (--threads 1)")
     ap.add_argument("--quick", action="store_true", help="throughput: batch 4 and 16 only")
+    ap.add_argument("--arch", nargs="+", choices=list(ARCHS), default=["dscint"],
+                    help="throughput: networks (baselines need .venv-baselines)")
+    ap.add_argument("--batches", nargs="+", type=int, default=None,
+                    help="throughput: these batches (fused Adam, channels-last) instead")
+    ap.add_argument("--repeats", type=int, default=2, help="throughput: fp32/bf16 rounds")
+    ap.add_argument("--steps", type=int, default=6, help="throughput: timed steps per run")
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="throughput: untimed steps before each precision's first run")
     args = ap.parse_args()
+    if args.repeats < 1 or args.steps < 1 or args.warmup < 0:
+        ap.error("--repeats and --steps must be at least 1, --warmup at least 0")
     cores = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
     if args.to_accuracy is None:

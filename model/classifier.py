@@ -11,11 +11,12 @@ BatchNorm folded into the convolutions, convolutions and pooling on oneDNN): 1.8
 than the plain TorchScript module at batch 8 and 1.5x at batch 1 (2 threads, quiet machine),
 checked against the verified module at load time (see `prepare_for_serving`).
 
-A model exported for int8 serving (`model.precision`: FC1 in int8) is checked again at load: the
-int8 copy is built from the verified fp32 weights and served only if it predicts the fp32 class on
-at least 99.5 % of the held-out phantom images; otherwise the node serves fp32 with a WARNING.
-Once int8 serves, the fp32 FC1 is released (78 MB); evidence maps take their gradients through
-the int8 layer (`model.precision.differentiable`).
+A model exported for reduced-precision serving (`model.precision`: FC1 in int8 or fp16) is
+checked again at load: the reduced copy is built from the verified fp32 weights and served only if
+it predicts the fp32 class on at least 99.5 % of the held-out phantom images; otherwise the next
+rung of the ladder (int8, fp16) is tried, and fp32 serves when none passes, each refusal a
+WARNING. Once a reduced copy serves, the fp32 FC1 is released (78 MB); evidence maps take their
+gradients through the packed layer (`model.precision.differentiable`).
 """
 
 from __future__ import annotations
@@ -40,13 +41,12 @@ from model.export import (
 from model.precision import (
     AUTO,
     FP32,
-    INT8,
     PRECISIONS,
     VERIFY_STUDIES,
     PrecisionCheck,
-    compare,
+    climb,
     differentiable,
-    int8_module,
+    ladder_from,
 )
 from model.preprocess import mirror, preprocess_batch
 
@@ -218,9 +218,9 @@ class Classifier:
 
     `serving` says which module answers: OPTIMIZED, or TORCHSCRIPT when the optimised one was
     refused (see `prepare_for_serving`); `optimize=False` serves the verified module as loaded
-    (fp32). `precision` (AUTO: the model's own choice, FP32, INT8) is what is asked for;
-    `self.precision` is what serves, and `precision_check` the load-time check when int8 was
-    asked for.
+    (fp32). `precision` (AUTO: the model's own choice, FP32, INT8, FP16) is what is asked for,
+    the top of the ladder tried; `self.precision` is what serves, and `precision_check` the last
+    load-time check made (None when none was).
     """
 
     def __init__(self, path: Path, optimize: bool = True, precision: str = AUTO,
@@ -229,8 +229,8 @@ class Classifier:
         verified, self.meta = load_torchscript(path)
         self.precision = FP32
         self.precision_check: PrecisionCheck | None = None
-        if optimize and wanted_precision(self.meta, precision) == INT8 \
-                and self._serve_int8(verified, verify_studies):
+        if optimize and self._serve_reduced(verified, wanted_precision(self.meta, precision),
+                                            verify_studies):
             del verified  # the fp32 FC1 goes with it: nothing else refers to it
         else:
             self.module, self.serving, self.check_diff = prepare_for_serving(
@@ -242,29 +242,28 @@ class Classifier:
                  self.meta.version, self.meta.weights_sha256[:12], self.meta.training_data,
                  self.serving, self.precision)
 
-    def _serve_int8(self, verified: torch.jit.ScriptModule, studies: int) -> bool:
-        """Build the int8 copy, check it against `verified` on held-out images and, if it
-        passes, serve it (optimised as fp32 would be); False (with a WARNING) means serve fp32."""
+    def _serve_reduced(self, verified: torch.jit.ScriptModule, wanted: str, studies: int
+                       ) -> bool:
+        """Climb the ladder from `wanted` (`model.precision.climb`: each rung checked against
+        `verified` on held-out images, each refusal a WARNING) and serve the first rung that
+        passes, optimised as fp32 would be; False means serve fp32 (said why when a rung was
+        tried)."""
         name = f"model {self.meta.name} {self.meta.version}"
-        try:
-            with torchscript_deprecation_silenced():
-                candidate, _ = int8_module(verified)
-                scripted = torch.jit.script(candidate)
-            check = compare(verified, scripted, self.meta.preprocessing, self.meta.temperature,
-                            INT8, studies)
-        except Exception as exc:  # PrecisionError, or a torch without int8: serve fp32
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-            log.warning("%s: int8 serving unavailable (%s); serving fp32", name, reason)
+        rungs = ladder_from(wanted)
+        if not rungs:
             return False
-        self.precision_check = check
-        if not check.passed:
-            log.warning("%s: int8 check failed at load: %s; serving fp32", name, check.summary())
+        with torchscript_deprecation_silenced():
+            rung, checks = climb(verified, self.meta.preprocessing, self.meta.temperature,
+                                 rungs, f"{name} at load", studies)
+        self.precision_check = rung.check if rung else (checks[-1] if checks else None)
+        if rung is None:
+            log.warning("%s: no reduced precision passed its check at load; serving fp32", name)
             return False
         self.module, self.serving, self.check_diff = prepare_for_serving(
-            scripted, self.meta, optimize=True)
-        self._verified = differentiable(candidate)
-        self.precision = INT8
-        log.info("%s: int8 check passed at load: %s", name, check.summary())
+            rung.scripted, self.meta, optimize=True)
+        self._verified = differentiable(rung.module)
+        self.precision = rung.precision
+        log.info("%s: %s check passed at load: %s", name, rung.precision, rung.check.summary())
         return True
 
     @property

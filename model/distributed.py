@@ -26,7 +26,12 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 DEVICES: tuple[str, ...] = ("cpu", "cuda", "auto")
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")
+# `auto`: the precision each network trains fastest in on this CPU (AVX512-BF16), measured by
+# `bench.training --arch ...` (issue 18): Dscint fp32 (bf16 autocast 0.76-0.83x at batch 4,
+# 1.0x at 16); every torchvision baseline bf16 (1.2-3.2x)
+FASTEST_TRAINING_PRECISION = {"dscint": "fp32"}
+BASELINE_TRAINING_PRECISION = "bf16"
 INIT_TIMEOUT = timedelta(minutes=10)  # ranks wait this long for each other at a collective
 
 
@@ -75,11 +80,18 @@ def backend_for(device: str) -> str:
     return "nccl" if device == "cuda" else "gloo"
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The autocast dtype for --precision (None: plain fp32, no autocast)."""
+def training_precision(precision: str, arch: str) -> str:
+    """fp32 or bf16 for --precision fp32|bf16|auto and the network trained."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; one of {', '.join(PRECISIONS)}")
-    return torch.bfloat16 if precision == "bf16" else None
+    if precision != "auto":
+        return precision
+    return FASTEST_TRAINING_PRECISION.get(arch, BASELINE_TRAINING_PRECISION)
+
+
+def autocast_dtype(precision: str, arch: str = "dscint") -> torch.dtype | None:
+    """The autocast dtype for --precision and the network (None: plain fp32, no autocast)."""
+    return torch.bfloat16 if training_precision(precision, arch) == "bf16" else None
 
 
 def start_world(requested_device: str, environ: Mapping[str, str]) -> World:

@@ -4,8 +4,8 @@ A model file carries what the node needs to trust it (as nanoGPT checkpoints car
 class names and codes, input shape, preprocessing, version, weights sha256, training data and
 headline metrics. The sha256 covers the weights only, so it is stable across re-serialisation.
 The file always holds the fp32 weights; `precision` says in which precision to serve them
-(int8 for FC1 when it agrees with fp32 on held-out images, `model.precision`), with the check
-that chose it.
+(FC1 in int8 or fp16, the fastest that agrees with fp32 on held-out images, `model.precision`),
+with the check that chose it and those of the rungs refused before it.
 """
 
 from __future__ import annotations
@@ -29,15 +29,12 @@ from torch import nn
 from model.calibration import DEFAULT_TEMPERATURE, DEFAULT_THRESHOLD, MIN_THRESHOLD
 from model.classes import CLASS_NAMES, DscintClass
 from model.precision import (
-    AUTO,
     FP32,
-    INT8,
     PRECISIONS,
     VERIFY_STUDIES,
     PrecisionCheck,
-    PrecisionError,
-    compare,
-    int8_module,
+    climb,
+    ladder_from,
 )
 from model.preprocess import PREPROCESS_VERSION, PreprocessParams
 
@@ -203,38 +200,36 @@ def weights_sha256(module: nn.Module) -> str:
 
 def choose_precision(scripted: torch.jit.ScriptModule, meta: ModelMetadata, precision: str,
                      studies: int = VERIFY_STUDIES) -> tuple[str, dict[str, Any]]:
-    """The precision to record and its check: int8 when asked for (INT8 or AUTO) and its check
-    on held-out images passes, else fp32 (with a WARNING when int8 was asked for but failed)."""
-    if precision == FP32:
+    """The precision to record and its check: the first rung of the ladder from `precision`
+    (AUTO: int8, then fp16) whose check on held-out images passes, else fp32 (a WARNING for
+    each rung refused, and one for the fp32 export). The record is the chosen rung's check
+    (the last refused one's for fp32) with `ladder`: every check made, in order."""
+    rungs = ladder_from(precision)  # ValueError for an unknown precision
+    if not rungs:
         return FP32, {}
-    if precision not in (INT8, AUTO):
-        raise ValueError(f"precision must be one of {(AUTO, *PRECISIONS)}, got {precision!r}")
-    try:
-        with torchscript_deprecation_silenced():
-            candidate, layers = int8_module(scripted)
-    except PrecisionError as exc:
-        log.info("model %s %s stays fp32: %s", meta.name, meta.version, exc)
+    who = f"model {meta.name} {meta.version}"
+    with torchscript_deprecation_silenced():
+        rung, checks = climb(scripted, meta.preprocessing, meta.temperature, rungs, who, studies)
+    if not checks:
         return FP32, {}
-    except Exception as exc:  # an optional speed-up this torch cannot build: fp32, said why
-        log.warning("model %s %s stays fp32: int8 unavailable (%s)", meta.name, meta.version,
-                    (str(exc).strip().splitlines() or [type(exc).__name__])[-1])
-        return FP32, {}
-    check = compare(scripted, candidate, meta.preprocessing, meta.temperature, INT8, studies)
-    record = {**check.to_dict(), "layers": layers, "torch": torch.__version__}
-    if not check.passed:
-        log.warning("model %s %s exported for fp32 serving: %s", meta.name, meta.version,
-                    check.summary())
+    last = rung.check if rung else checks[-1]
+    record = {**last.to_dict(), "layers": rung.layers if rung else [],
+              "torch": torch.__version__,
+              "ladder": [{**c.to_dict(), "passed": c.passed} for c in checks]}
+    if rung is None:
+        log.warning("%s exported for fp32 serving: %s", who,
+                    "; ".join(c.summary() for c in checks))
         return FP32, record
-    log.info("model %s %s exported for int8 serving: %s", meta.name, meta.version,
-             check.summary())
-    return INT8, record
+    log.info("%s exported for %s serving: %s", who, rung.precision, rung.check.summary())
+    return rung.precision, record
 
 
 def export_torchscript(probabilities_module: nn.Module, path: Path, meta: ModelMetadata,
                        precision: str = FP32, verify_studies: int = VERIFY_STUDIES) -> Path:
     """Script the probability-emitting module and save it (fp32 weights) with metadata,
-    atomically. `precision` INT8 or AUTO records int8 serving when the int8 copy passes its
-    held-out check (`choose_precision`; ~5 s for the default 100 studies), else fp32."""
+    atomically. `precision` AUTO (or a rung: INT8, FP16) records the fastest reduced precision
+    whose copy passes its held-out check (`choose_precision`; ~5 s a rung for the default 100
+    studies), else fp32."""
     probabilities_module = probabilities_module.eval()
     with torchscript_deprecation_silenced():
         scripted = torch.jit.script(probabilities_module)

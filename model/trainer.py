@@ -40,6 +40,7 @@ from model.distributed import (
 )
 from model.export import ModelMetadata, export_torchscript
 from model.metrics import ClassificationMetrics, compute_metrics
+from model.precision import AUTO
 from model.preprocess import PreprocessParams, preprocess_view
 from model.split import patient_split
 
@@ -75,12 +76,14 @@ class TrainConfig:
     balance_classes: bool = False  # sample the training part toward TABLE3_PROPORTIONS
     channels_last: bool = True  # NHWC convolutions: measured faster on this CPU
     device: str = "cpu"  # cpu, cuda (each torchrun rank its local GPU) or auto
-    precision: str = "fp32"  # fp32, or bf16: forward pass under autocast (CPU or CUDA)
+    # fp32, bf16 (forward pass under autocast, CPU or CUDA), or auto: the one measured
+    # fastest for `arch` (model.distributed.training_precision)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}; one of {', '.join(DEVICES)}")
-        autocast_dtype(self.precision)  # ValueError for an unknown precision
+        autocast_dtype(self.precision, self.arch)  # ValueError for an unknown precision
 
 
 # Paper Table 3 (augmented dataset): normal, bone metastasis, arthritis, thyroid carcinoma.
@@ -216,7 +219,8 @@ def train_model(data: LabelledImages, cfg: TrainConfig,
     params = params or PreprocessParams()
     world = current_world()
     check_batch(cfg.batch_size, world)
-    step = _Step(world, training_device(cfg.device, world), autocast_dtype(cfg.precision))
+    step = _Step(world, training_device(cfg.device, world),
+                 autocast_dtype(cfg.precision, cfg.arch))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -288,8 +292,11 @@ def default_version(now: datetime | None = None) -> str:
 
 
 def export_trained(result: TrainResult, data: LabelledImages, cfg: TrainConfig, path: Path,
-                   version: str | None = None, params: PreprocessParams | None = None) -> Path:
-    """Write the TorchScript file with metadata (sha256 is filled in by the exporter)."""
+                   version: str | None = None, params: PreprocessParams | None = None,
+                   precision: str = AUTO) -> Path:
+    """Write the TorchScript file with metadata (sha256 is filled in by the exporter), for
+    serving in the fastest reduced precision that passes its held-out check (AUTO, see
+    `model.precision`; fp32 when none does or the network is not a Dscint)."""
     cfg_dict = asdict(cfg)
     meta = ModelMetadata(
         version=version or default_version(), weights_sha256="",
@@ -298,7 +305,8 @@ def export_trained(result: TrainResult, data: LabelledImages, cfg: TrainConfig, 
         preprocessing=params or PreprocessParams(), metrics=headline(result),
         train_config=cfg_dict, **_calibration_metadata(result.calibration),
     )
-    return export_torchscript(Probabilities(set_channels_last(result.net, False)), path, meta)
+    return export_torchscript(Probabilities(set_channels_last(result.net, False)), path, meta,
+                              precision=precision)
 
 
 def _calibration_metadata(cal: Calibration | None) -> dict[str, Any]:

@@ -60,6 +60,10 @@ def test_device_backend_and_precision_choices() -> None:
         resolve_device("tpu", cuda_available=True)
     assert backend_for("cuda") == "nccl" and backend_for("cpu") == "gloo"
     assert autocast_dtype("bf16") is torch.bfloat16 and autocast_dtype("fp32") is None
+    # auto: what bench.training measured fastest on this CPU, per network
+    assert autocast_dtype("auto", "dscint") is None
+    assert autocast_dtype("auto", "resnet18") is torch.bfloat16
+    assert autocast_dtype("fp32", "resnet18") is None  # an explicit choice stands
     with pytest.raises(ValueError, match="unknown precision"):
         autocast_dtype("fp16")
     with pytest.raises(ValueError, match="unknown precision"):

@@ -243,7 +243,7 @@ def _sr_version(pacs: PacsStandIn, study_uid: str, timeout: float = 60.0) -> str
     return _algorithm_version(wait_sr(pacs, study_uid, timeout))
 
 
-def _wait_serving(node: Node, version: str, timeout: float = 30.0) -> None:
+def _wait_serving(node: Node, version: str, timeout: float = 90.0) -> None:
     wait_for(lambda: node.model_version == version, timeout, f"the node to serve {version}")
 
 

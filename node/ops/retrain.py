@@ -462,8 +462,10 @@ def add_retrain_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--no-channels-last", action="store_true")
     t.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
                    help="train on the CPU or a GPU (under torchrun: each process its own)")
-    t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: forward pass under autocast (evaluation and export stay fp32)")
+    t.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
+                   help="bf16: forward pass under autocast (evaluation and export stay fp32); "
+                        "auto: what trains each network fastest here (Dscint fp32, "
+                        "baselines bf16)")
     t.add_argument("--no-trivial-baseline", action="store_true")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     o = p.add_argument_group("output and registry")
