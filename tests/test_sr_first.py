@@ -24,6 +24,7 @@ from sqlalchemy import select
 from model.classifier import Classifier, StudyClassification
 from model.phantom_dicom import DicomLayout, study_datasets
 from model.phantoms import generate_study
+from node.classify import worker
 from node.classify.amend import amendment, restamp
 from node.classify.result_image import ShownView, build_result_image, image_reference
 from node.classify.sr import Classification, DeviceInfo, ModelInfo, build_sr, encode_sr
@@ -345,3 +346,19 @@ def test_an_objects_job_never_moves_its_study(database_url: str, files: FileStor
     assert row.state.value == "classified"
     assert [s for _, s in _jobs(db, OBJECTS)] == [JobState.PENDING.value]
     db.dispose()
+
+
+def test_a_thread_below_the_workers_draws_the_pictures(tmp_path: Path,
+                                                       untrained_model: Path) -> None:
+    """The workers only classify while result images or PDFs are on; one thread at a lower
+    priority builds the objects (the end-to-end tests see its images and PDFs at PACS), so a
+    study arriving while another's pictures are drawn is classified at once. Without
+    pictures the workers run both steps as before and no such thread exists."""
+    with Node(node_config(tmp_path / "on", untrained_model, 104)) as on:
+        names = {t.name for t in on._threads}
+        assert {"worker-0", "pictures"} <= names
+    off_cfg = node_config(tmp_path / "off", untrained_model, 104,
+                          results={"image": False, "pdf": False})
+    with Node(off_cfg) as off:
+        assert "pictures" not in {t.name for t in off._threads}
+    assert worker.PICTURES_NICENESS > worker.WORKER_NICENESS

@@ -76,6 +76,7 @@ from storage.objects import ResultToPicture, result_to_picture
 log = logging.getLogger(__name__)
 
 WORKER_NICENESS = 5  # classification runs at nice +5: under CPU pressure the receiver goes first
+PICTURES_NICENESS = 10  # the result image and PDF below that: a waiting study's SR goes first
 # the data itself is wrong: another attempt reads the same bytes and fails the same way
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (DecodeError, InvalidDicomError, ValueError)
 
@@ -324,6 +325,25 @@ def run_once(ctx: WorkerContext, worker_id: str) -> bool:
     return job is not None or objects is not None
 
 
+def classify_once(ctx: WorkerContext, worker_id: str) -> bool:
+    """Classify one waiting study, nothing else (the node's workers, when a pictures thread
+    builds the objects: a study arriving while another's pictures are drawn is not kept
+    waiting for them); False when none waits."""
+    job = claim_job(ctx.db, worker_id)
+    if job is not None:
+        _attempt(ctx, job, classify)
+    return job is not None
+
+
+def objects_once(ctx: WorkerContext, worker_id: str) -> bool:
+    """Build one classified study's result image and PDF (the pictures thread); False when
+    none waits."""
+    job = claim_job(ctx.db, worker_id, OBJECTS)
+    if job is not None:
+        _attempt(ctx, job, build_objects, objects=True)
+    return job is not None
+
+
 def _attempt(ctx: WorkerContext, job: ClaimedJob,
              step: Callable[[WorkerContext, ClaimedJob], None], objects: bool = False) -> None:
     """Run one claimed job's step; a failure is retried or ends the job (after_failure),
@@ -381,13 +401,15 @@ def lower_priority(increment: int = WORKER_NICENESS) -> int | None:
 
 
 def run_forever(ctx: WorkerContext, worker_id: str, wake: threading.Event,
-                stop: threading.Event, idle_seconds: float = 1.0) -> None:
-    """Loop until stopped, below the receiver's CPU priority; woken early when a study
-    completes."""
-    lower_priority()
+                stop: threading.Event, idle_seconds: float = 1.0,
+                step: Callable[[WorkerContext, str], bool] = run_once,
+                niceness: int = WORKER_NICENESS) -> None:
+    """Loop `step` until stopped, below the receiver's CPU priority (`niceness`); woken early
+    when there is work (a study completed, a result classified)."""
+    lower_priority(niceness)
     while not stop.is_set():
         try:
-            busy = run_once(ctx, worker_id)
+            busy = step(ctx, worker_id)
         except Exception:  # e.g. database briefly unavailable: log, back off, go on
             log.exception("worker %s: queue error", worker_id)
             busy = False

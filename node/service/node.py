@@ -101,6 +101,8 @@ class Node:
     _threads: list[threading.Thread] = field(init=False, default_factory=list)
     _stop: threading.Event = field(init=False, default_factory=threading.Event)
     _work: threading.Event = field(init=False, default_factory=threading.Event)
+    # a result classified: its image and PDF can be drawn (the pictures thread)
+    _pictures: threading.Event = field(init=False, default_factory=threading.Event)
     _export: threading.Event = field(init=False, default_factory=threading.Event)
     _scheduler: BackgroundScheduler | None = field(init=False, default=None)
     _health: health.HealthServer | None = field(init=False, default=None)
@@ -216,7 +218,7 @@ class Node:
         wctx = worker.WorkerContext(
             db=self.db, files=self.files, classifier=self.current_classifier,
             device=device_info(self.cfg), destination=self.cfg.pacs_destination,
-            on_result=self._export.set, max_attempts=n.classify_max_attempts,
+            on_result=self._on_result, max_attempts=n.classify_max_attempts,
             retry_delay=partial(backoff_delay, base_seconds=n.classify_backoff_seconds,
                                 cap_seconds=n.classify_backoff_cap_seconds),
             on_classified=self._on_classified, on_failed=self._on_failed,
@@ -225,10 +227,16 @@ class Node:
             result_image=self.cfg.results.image, result_pdf=self.cfg.results.pdf,
             file_sha256=self._holder().file_sha256)
         self._start_shadow()
-        for i in range(self.cfg.node.worker_threads):
-            self._spawn(f"worker-{i}", partial(worker.run_forever, wctx,
-                                               f"{self.worker_prefix}:w{i}", self._work,
-                                               self._stop, self.worker_idle_seconds))
+        pictures = self.cfg.results.image or self.cfg.results.pdf
+        for i in range(self.cfg.node.worker_threads):  # with pictures on, classify only
+            self._spawn(f"worker-{i}", partial(
+                worker.run_forever, wctx, f"{self.worker_prefix}:w{i}", self._work, self._stop,
+                self.worker_idle_seconds, worker.classify_once if pictures else worker.run_once))
+        if pictures:  # one thread below the workers draws the result images and PDFs
+            self._spawn("pictures", partial(
+                worker.run_forever, wctx, f"{self.worker_prefix}:p0", self._pictures,
+                self._stop, self.worker_idle_seconds, worker.objects_once,
+                worker.PICTURES_NICENESS))
         if supports_notify(self.db):  # a receiver on another machine wakes us at once
             self._listener = WorkListener(self.db, self._work.set).start()
         p = self.cfg.pacs
@@ -239,6 +247,12 @@ class Node:
                                       on_outcome=self._on_export)
         self._spawn("exporter", partial(exporter.run_forever, ectx, f"{self.worker_prefix}:x0",
                                         self._export, self._stop))
+
+    def _on_result(self) -> None:
+        """A job done: its SR (or image, PDF) is queued for the exporter, and a classified
+        study's pictures may be drawn."""
+        self._export.set()
+        self._pictures.set()
 
     def _on_classified(self, study_uid: str, predicted_class: str,
                        probabilities: Mapping[str, float], seconds: float) -> None:
@@ -437,6 +451,7 @@ class Node:
             self._receiver = None
         self._stop.set()
         self._work.set()
+        self._pictures.set()
         self._export.set()
         if self._listener is not None:
             self._listener.stop()
