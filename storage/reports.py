@@ -24,6 +24,7 @@ from storage.db import (
     Study,
     StudyState,
 )
+from storage.jobs import OBJECTS
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,10 @@ class WorkBacklog:
     last_export_error: str | None  # newest error of an export not yet delivered
     # stored but no whole-body planar view: the node doing its job, not a problem
     not_applicable_studies: int = 0
+    # result images / PDFs that could not be built for good (their SR was delivered, and names
+    # an image PACS will not get): how many, and the newest one's study and reason
+    failed_pictures: int = 0
+    last_pictures_failure: tuple[str, str | None] | None = None
 
 
 def study_summaries(db: Database, limit: int | None = None) -> list[StudySummary]:
@@ -143,6 +148,11 @@ def work_backlog(db: Database) -> WorkBacklog:
                            .where(Study.state == StudyState.FAILED.value)).scalar_one()
         not_applicable = s.execute(select(func.count()).select_from(Study).where(
             Study.state == StudyState.NOT_APPLICABLE.value)).scalar_one()
+        failed_objects = (Job.kind == OBJECTS, Job.state == JobState.FAILED.value)
+        failed_pictures = s.execute(select(func.count()).select_from(Job)
+                                    .where(*failed_objects)).scalar_one()
+        newest = s.execute(select(Job.study_uid, Job.error).where(*failed_objects)
+                           .order_by(Job.id.desc()).limit(1)).one_or_none()
         last_error = s.execute(select(Export.last_error)
                                .where(Export.state.in_([ExportState.PENDING.value,
                                                         ExportState.DEAD.value]),
@@ -150,4 +160,6 @@ def work_backlog(db: Database) -> WorkBacklog:
                                .order_by(Export.id.desc()).limit(1)).scalar_one_or_none()
     return WorkBacklog(exports_retrying=retrying, oldest_pending_export_at=oldest_export,
                        oldest_pending_job_at=oldest_job, failed_studies=failed,
-                       last_export_error=last_error, not_applicable_studies=not_applicable)
+                       last_export_error=last_error, not_applicable_studies=not_applicable,
+                       failed_pictures=failed_pictures,
+                       last_pictures_failure=None if newest is None else (newest[0], newest[1]))

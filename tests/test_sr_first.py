@@ -28,11 +28,18 @@ from node.classify import worker
 from node.classify.amend import amendment, restamp
 from node.classify.result_image import ShownView, build_result_image, image_reference
 from node.classify.sr import Classification, DeviceInfo, ModelInfo, build_sr, encode_sr
-from node.classify.worker import WorkerContext, classify, classify_instances, run_once
-from node.config import load_config
+from node.classify.worker import (
+    WorkerContext,
+    after_failure,
+    classify,
+    classify_instances,
+    run_once,
+)
+from node.config import load_config, with_overrides
 from node.demo.pacs_standin import PacsStandIn
 from node.export.delivery import ExportContext, deliver
 from node.export.scu import Destination
+from node.service.health import health_report
 from node.service.node import Node
 from storage.amend import ResultVersion, current_result, requeue_amendments
 from storage.db import CompletionReason, Database, Export, ExportState, Job, JobState, Result
@@ -362,3 +369,30 @@ def test_a_thread_below_the_workers_draws_the_pictures(tmp_path: Path,
     with Node(off_cfg) as off:
         assert "pictures" not in {t.name for t in off._threads}
     assert worker.PICTURES_NICENESS > worker.WORKER_NICENESS
+
+
+def test_pictures_that_cannot_be_built_make_the_node_degraded(
+        database_url: str, files: FileStore, clf: Classifier) -> None:
+    """An objects job that fails for good leaves a delivered SR naming an image PACS will
+    never get: /health says so (degraded, the study and the reason), the study stays
+    classified."""
+    db = Database(database_url)
+    db.create_all()
+    study = _record(db, files, seed=72)
+    ctx = _ctx(db, files, clf)
+    job = claim_job(db, f"{PREFIX}:w0")
+    assert job is not None
+    classify(ctx, job)
+    objects = claim_job(db, f"{PREFIX}:w0", OBJECTS)
+    assert objects is not None
+    after_failure(ctx, objects, ValueError("views unreadable"), objects=True)  # permanent
+    cfg = with_overrides(load_config(None), storage={"root": str(files.root)})
+    report = health_report(db, cfg, None, model_expected=False)
+    assert report["status"] == "degraded"
+    assert report["work"]["failed_pictures"] == 1
+    assert report["work"]["last_pictures_failure"]["study_uid"] == study
+    (line,) = [p for p in report["problems"] if "could not be built" in p]
+    assert study in line and "views unreadable" in line and "SRs were delivered" in line
+    (row,) = [r for r in study_summaries(db) if r.study_uid == study]
+    assert row.state.value == "classified"
+    db.dispose()

@@ -246,6 +246,10 @@ def backlog(db: Database, now: datetime) -> Report:
             "classify_retrying": jobs_retrying(db), "failed": failed,
             # stored, never classified (no whole-body planar view): counted, not a problem
             "not_applicable_studies": work.not_applicable_studies,
+            "failed_pictures": work.failed_pictures,
+            "last_pictures_failure": None if work.last_pictures_failure is None else {
+                "study_uid": work.last_pictures_failure[0],
+                "reason": work.last_pictures_failure[1]},
             **ignored_report(db)}
 
 
@@ -277,12 +281,24 @@ def _problems(depth: dict[str, int], work: Report, free: int, watermark: int,
         out.append("disk headroom low: C-STORE will be refused below the watermark")
     if work["failed_studies"]:
         out.append(_failed_problem(work))
+    if work.get("failed_pictures"):
+        out.append(_pictures_problem(work))
     job_age = work["oldest_pending_job_seconds"]
     if job_age is not None and job_age > BACKLOG_SECONDS:
         out.append(f"classification backlog: the oldest complete study has waited {job_age:.0f} s")
     if model_expected and model is None:
         out.append("no model loaded")
     return out
+
+
+def _pictures_problem(work: Report) -> str:
+    """Result images / PDFs never built: their SRs were delivered and name an image PACS
+    will not get (a viewer shows the reference as missing)."""
+    latest = work.get("last_pictures_failure")
+    which = "" if not latest else \
+        f" (latest {latest['study_uid']}: {latest['reason'] or 'no reason recorded'})"
+    return (f"the result image and PDF of {work['failed_pictures']} study(ies) could not be "
+            f"built{which}; their SRs were delivered")
 
 
 def _failed_problem(work: Report) -> str:
