@@ -24,6 +24,7 @@ from model.phantom_dicom import DicomLayout, write_study
 from model.phantoms import generate_study
 from node.dicom.codes import RESULT_OBJECT_KINDS
 from node.service.node import Node
+from storage.common import CLASSIFY
 from storage.db import Export, Instance, Job, Result
 from storage.intake import ignored_totals
 from storage.reports import StudySummary, study_summaries
@@ -82,19 +83,26 @@ def _summary(node: Node, study_uid: str) -> StudySummary | None:
 
 
 def _count(node: Node, table: type) -> int:
+    """Rows of `table` (jobs: classify jobs only; a result's objects job follows its SR)."""
+    stmt = select(func.count()).select_from(table)
+    if table is Job:
+        stmt = stmt.where(Job.kind == CLASSIFY)
     with node.db.read_session() as s:
-        return int(s.execute(select(func.count()).select_from(table)).scalar_one())
+        return int(s.execute(stmt).scalar_one())
 
 
 def _all_exports_done(node: Node, study_uid: str) -> bool:
-    """Classified, and every object of the result (SR, image, PDF) acknowledged."""
+    """Classified, the result's image and PDF built (no job of the study left), and every
+    object of the result (SR, image, PDF) acknowledged."""
     row = _summary(node, study_uid)
     if row is None or row.state != "classified":
         return False
     with node.db.read_session() as s:
         states = list(s.execute(select(Export.state).where(Export.study_uid == study_uid))
                       .scalars())
-    return bool(states) and all(state == "done" for state in states)
+        working = s.execute(select(func.count()).select_from(Job).where(
+            Job.study_uid == study_uid, Job.state.in_(["pending", "claimed"]))).scalar_one()
+    return bool(states) and not working and all(state == "done" for state in states)
 
 
 def test_orthanc_routes_whole_studies_twice_and_every_route_succeeds(
