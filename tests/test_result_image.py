@@ -35,12 +35,12 @@ from node.classify.result_image import (
 from node.classify.sr import Classification, DeviceInfo, ModelInfo
 from node.classify.worker import WorkerContext, run_once
 from node.export.scu import Destination, send_file
-from storage.db import CompletionReason, Database, Export
+from storage.db import Database, Export
 from storage.exports import claim_export, export_succeeded
 from storage.filestore import FileStore
-from storage.intake import InstanceRecord, mark_complete, record_instance
 from storage.jobs import NewResult, store_result
 from tests.support.net import free_port
+from tests.support.recorded import record_complete_study
 
 DEVICE = DeviceInfo("DSCINT", "0.1", "1.2.826.0.1.3680043.8.498.1", "host")
 MODEL = ModelInfo("Dscint", "2026.12.01-1", "cd" * 32, "simulated phantoms", True)
@@ -145,20 +145,7 @@ def test_a_network_without_dscint_layout_gets_no_map() -> None:
 
 
 def _recorded_study(db: Database, files: FileStore) -> str:
-    (ds,) = study_datasets(generate_study("arthritis", seed=21), DicomLayout.MULTIFRAME)
-    buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    data = buf.getvalue()
-    study, series, sop = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), \
-        str(ds.SOPInstanceUID)
-    path = files.write_instance(study, series, sop, data)
-    record_instance(db, InstanceRecord(
-        sop_uid=sop, study_uid=study, series_uid=series, sop_class_uid=str(ds.SOPClassUID),
-        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=str(path),
-        views=("anterior", "posterior"), n_frames=2, size_bytes=len(data), calling_ae="CAM",
-        patient_key=None))
-    assert mark_complete(db, study, CompletionReason.BOTH_VIEWS)
-    return study
+    return record_complete_study(db, files, seed=21)
 
 
 def test_worker_sends_sr_and_image_each_once_and_the_sr_references_the_image(

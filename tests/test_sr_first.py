@@ -12,7 +12,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,6 @@ from pydicom.uid import SecondaryCaptureImageStorage
 from sqlalchemy import select
 
 from model.classifier import Classifier, StudyClassification
-from model.phantom_dicom import DicomLayout, study_datasets
-from model.phantoms import generate_study
 from node.classify import worker
 from node.classify.amend import amendment, restamp
 from node.classify.result_image import ShownView, build_result_image, image_reference
@@ -45,11 +42,12 @@ from storage.amend import ResultVersion, current_result, requeue_amendments
 from storage.db import CompletionReason, Database, Export, ExportState, Job, JobState, Result
 from storage.exports import ClaimedExport, claim_export
 from storage.filestore import FileStore
-from storage.intake import InstanceRecord, mark_complete, record_instance
+from storage.intake import mark_complete
 from storage.jobs import OBJECTS, claim_job, release_stale_claims, store_objects
 from storage.objects import result_objects
 from storage.reports import study_summaries
 from tests.support.nodes import node_config
+from tests.support.recorded import record_complete_study
 from tests.test_amend import T0
 from tests.test_amend import _reacquired as reacquired
 from tests.test_amend import _stored as stored
@@ -71,23 +69,6 @@ def clf(untrained_model: Path) -> Classifier:
     return Classifier(untrained_model)
 
 
-def _record(db: Database, files: FileStore, seed: int, label: str = "arthritis") -> str:
-    """One phantom study (multi-frame NM, both views) recorded as the receiver records it,
-    complete."""
-    (ds,) = study_datasets(generate_study(label, seed=seed), DicomLayout.MULTIFRAME)
-    buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    data = buf.getvalue()
-    study, series, sop = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), \
-        str(ds.SOPInstanceUID)
-    path = files.write_instance(study, series, sop, data)
-    record_instance(db, InstanceRecord(
-        sop_uid=sop, study_uid=study, series_uid=series, sop_class_uid=str(ds.SOPClassUID),
-        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=str(path),
-        views=("anterior", "posterior"), n_frames=2, size_bytes=len(data), calling_ae="CAM",
-        patient_key=None))
-    assert mark_complete(db, study, CompletionReason.BOTH_VIEWS)
-    return study
 
 
 def _ctx(db: Database, files: FileStore, clf: Classifier) -> WorkerContext:
@@ -131,7 +112,7 @@ def test_the_sr_naming_the_image_to_come_is_the_sr_naming_the_built_image(
     Predecessor Documents) too."""
     db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     db.create_all()
-    study_uid = _record(db, files, seed=31)
+    study_uid = record_complete_study(db, files, seed=31)
     study = StudyClassification(clf)
     headers, frames = classify_instances(db, study_uid, study)
     pred = study.result()
@@ -172,7 +153,7 @@ def test_waiting_studies_get_their_srs_to_pacs_before_any_image_is_built(
         database_url: str, files: FileStore, clf: Classifier, pacs: PacsStandIn) -> None:
     db = Database(database_url)
     db.create_all()
-    studies = [_record(db, files, seed=40 + i, label=label)
+    studies = [record_complete_study(db, files, seed=40 + i, label=label)
                for i, label in enumerate(("normal", "arthritis", "bone_metastasis"))]
     ctx = _ctx(db, files, clf)
     # each call classifies one study; another waits, so no objects are built yet
@@ -239,7 +220,7 @@ def test_a_worker_killed_after_the_sr_leaves_the_image_and_pdf_to_be_built_once(
         untrained_model: Path) -> None:
     db = Database(database_url)
     db.create_all()
-    study = _record(db, files, seed=51)
+    study = record_complete_study(db, files, seed=51)
     child = subprocess.run([sys.executable, "-c", _KILLED_WORKER, database_url,
                             str(tmp_path / "store"), str(untrained_model)],
                            cwd=Path(__file__).resolve().parents[1], capture_output=True,
@@ -343,7 +324,7 @@ def test_an_objects_job_never_moves_its_study(database_url: str, files: FileStor
     job's claim makes it classifying)."""
     db = Database(database_url)
     db.create_all()
-    study = _record(db, files, seed=71)
+    study = record_complete_study(db, files, seed=71)
     job = claim_job(db, f"{PREFIX}:w0")
     assert job is not None
     classify(_ctx(db, files, clf), job)
@@ -378,7 +359,7 @@ def test_pictures_that_cannot_be_built_make_the_node_degraded(
     classified."""
     db = Database(database_url)
     db.create_all()
-    study = _record(db, files, seed=72)
+    study = record_complete_study(db, files, seed=72)
     ctx = _ctx(db, files, clf)
     job = claim_job(db, f"{PREFIX}:w0")
     assert job is not None
