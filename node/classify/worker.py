@@ -6,8 +6,9 @@ time) and queues theirs.
 The SR goes first: it references the result image by its deterministic UID, so it need not
 wait for the image. The image and PDF are an ``objects`` job of their own (storage.jobs),
 committed with the SR: a worker killed before building them leaves the job for the next (or
-the restarted) one, and a worker with studies waiting classifies them before building any
-objects, so no SR waits behind another study's pictures.
+the restarted) one. The node's workers only classify (`classify_once`) and one pictures thread
+below their priority builds the objects (`objects_once`), so no SR waits behind another
+study's pictures; `run_once` does both, studies waiting to be classified first.
 
 A study is decoded and classified instance by instance (its pixels freed before the next), so
 the worker's memory is bounded by one instance, not by the study. A classification that fails
